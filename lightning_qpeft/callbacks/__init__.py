@@ -1,0 +1,4 @@
+from lightning_qpeft.callbacks.adapter_export import AdapterExport
+from lightning_qpeft.callbacks.prediction_writer import JsonlPredictionWriter
+
+__all__ = ["AdapterExport", "JsonlPredictionWriter"]

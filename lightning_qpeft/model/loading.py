@@ -1,0 +1,101 @@
+"""Load a base causal LM and its tokenizer from a hub id or a local folder, quantized per rank.
+
+Config keys (on `QPeftModule`; the data module gets the tokenizer's from the same `model.base_model`):
+    model.base_model:        hub id (`meta-llama/Llama-2-7b-hf`) or a local folder; a missing local folder whose
+                             name is a built-in model (`checkpoints/tiny-llama`) is created on first use
+    model.quantization:      see `quantization.py`
+    model.dtype:             dtype of the weights that are not quantized (`auto` keeps the checkpoint's)
+    model.attn_implementation: `sdpa` (default), `eager`, `flash_attention_2`, ...
+    model.trust_remote_code: off unless you trust the folder's Python code (it would run on load)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, resolve_dtype
+from lightning_qpeft.model.tiny import BUILTIN_MODELS
+
+
+def resolve_base_model(name_or_path: str) -> str:
+    """The path or hub id to load; builds a built-in model folder on first use."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ValueError(
+                f"model.base_model: {str(path)!r} is not a model folder (no config.json in it); give a folder "
+                "written by save_pretrained, or a hub id"
+            )
+        return str(path)
+    if path.name in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[path.name](path))
+    if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path:
+        raise FileNotFoundError(f"model.base_model: no folder at {name_or_path!r}")
+    return name_or_path  # a hub id: transformers resolves (and, with the hub, downloads) it
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with a pad token and right padding.
+
+    LLaMA's tokenizer has no pad token. As QLoRA does for LLaMA, padding uses UNK (or EOS when there is no
+    UNK): padded positions are excluded by the attention mask and masked from the labels by length, never
+    by comparing ids, so the choice cannot leak into the loss.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ValueError(f"model.base_model: the tokenizer of {name_or_path!r} has no pad, UNK or EOS token")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def check_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before loading any weight, a model that is not a causal language model."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ValueError(
+            f"model.base_model: {name_or_path!r} is a {config.model_type!r} model, not a causal language model "
+            f"(architectures: {config.architectures}); give a LLaMA-family (decoder-only) model"
+        )
+
+
+def load_base_model(
+    name_or_path: str,
+    quantization: str = "nf4-dq",
+    compute_dtype: str = "bfloat16",
+    dtype: str = "auto",
+    quant_storage: str = "uint8",
+    device: Optional[torch.device | str] = None,
+    attn_implementation: Optional[str] = "sdpa",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The base causal LM, quantized as `quantization` says, on one device (this rank's).
+
+    `device_map={"": device}` puts every weight on this rank's device: `"auto"` would spread one model over
+    all GPUs and run them one at a time, which is not data parallelism.
+    """
+    path = resolve_base_model(name_or_path)
+    mode = get_quant_mode(quantization)
+    check_causal_lm(path, trust_remote_code)
+    torch_dtype = "auto" if dtype == "auto" else resolve_dtype(dtype, "model.dtype")
+    if mode.is_quantized and torch_dtype == "auto":
+        # the non-quantized weights (embeddings, norms, lm_head) compute in the 4-bit compute dtype
+        torch_dtype = resolve_dtype(compute_dtype, "model.compute_dtype")
+    device = torch.device(device if device is not None else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb_config(mode, compute_dtype, quant_storage),
+        dtype=torch_dtype,
+        device_map={"": device},
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    model.config.use_cache = False  # training; generation turns it on per call
+    return model

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny LLaMAs built in-process (no network), and small data files written by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings("ignore", message=".*loftq_config.*")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Test-sized tiny LLaMA: 2 layers, hidden 64 (the offline default is 4 x 128).
+SMALL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, initializer_range=64**-0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny LLaMA folder (config, random weights, byte-level BPE tokenizer), built once per session."""
+    from lightning_qpeft.model.tiny import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-test", **SMALL))
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path) -> str:
+    """A small Alpaca-style JSON file written by the test."""
+    records = [
+        {"instruction": "Give the opposite word.", "input": "hot", "output": "cold"},
+        {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    ] * 4
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def cpu_trainer(**kwargs):
+    """A quiet CPU Trainer for tests."""
+    from lightning.pytorch import Trainer
+
+    defaults = dict(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return Trainer(**{**defaults, **kwargs})

@@ -1,0 +1,66 @@
+"""Every YAML under configs/ parses and instantiates; a misspelled key fails naming it."""
+
+from pathlib import Path
+
+import pytest
+
+from lightning_qpeft.cli import QPeftCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+ADAPTER_CONFIGS = sorted((ROOT / "configs" / "adapter").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert RUN_CONFIGS and ADAPTER_CONFIGS
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
+def test_run_config_instantiates(config, tiny_model_dir):
+    cli = QPeftCLI(args=["--config", str(config), "--model.base_model", tiny_model_dir,
+                         "--trainer.logger", "false"], run=False)
+    assert cli.model.base_model == tiny_model_dir
+    assert cli.datamodule.tokenizer_name == tiny_model_dir  # linked from model.base_model
+
+
+@pytest.mark.parametrize("adapter", ADAPTER_CONFIGS, ids=lambda p: p.name)
+def test_adapter_config_instantiates(adapter, tiny_model_dir):
+    import peft
+
+    cli = QPeftCLI(args=["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.base_model", tiny_model_dir,
+                         "--model.adapter", str(adapter), "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.model.adapter, (peft.PeftConfig,)) or type(cli.model.adapter).__name__ == "FullFineTuning"
+
+
+def test_print_config_shows_resolved_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        QPeftCLI(args=["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--print_config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "quantization: nf4-dq" in out and "class_path: peft.LoraConfig" in out
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--model.quantisation", "nf4"], "quantisation"),
+    (["--data.batchsize", "4"], "batchsize"),
+    (["--model.adapter.init_args.rr", "4"], "rr"),
+])
+def test_misspelled_key_fails_naming_it(args, key, capsys):
+    with pytest.raises(SystemExit) as e:
+        QPeftCLI(args=["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *args])
+    assert e.value.code != 0
+    assert key in capsys.readouterr().err
+
+
+def test_misspelled_key_in_a_config_file_fails_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace("gradient_checkpointing:", "grad_checkpointing:"))
+    with pytest.raises(SystemExit):
+        QPeftCLI(args=["fit", "--config", str(bad)])
+    assert "grad_checkpointing" in capsys.readouterr().err
+
+
+def test_unknown_quantization_mode_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="model.quantization: unknown mode 'nf2'"):
+        QPeftCLI(args=["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.base_model", tiny_model_dir,
+                       "--model.quantization", "nf2"], run=False)
