@@ -1,6 +1,26 @@
-"""python -m lightning_qpeft {fit,validate,test,predict} ... (see cli.py)."""
+"""python -m lightning_qpeft COMMAND ...
 
-from lightning_qpeft.cli import main
+fit, validate, test and predict are LightningCLI's (cli.py). The other commands are small jsonargparse
+programs of their own, named here and imported only when asked for (LitGPT's `__main__` pattern).
+"""
+
+import importlib
+import sys
+
+# command -> "module:function"; each function parses its own arguments
+COMMANDS: dict[str, str] = {}
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in COMMANDS:
+        module, function = COMMANDS[command].split(":")
+        getattr(importlib.import_module(module), function)(sys.argv[2:])
+        return
+    from lightning_qpeft.cli import main as lightning_main
+
+    lightning_main()
+
 
 if __name__ == "__main__":
     main()
