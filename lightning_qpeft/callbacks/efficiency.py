@@ -3,6 +3,7 @@
 Config keys (`efficiency.*`, a top-level section of the CLI config; on by default):
     enabled:       turn the callback off
     warmup_steps:  optimizer steps left out of the measurement (CUDA/allocator warm-up, torch.compile)
+    warmup_epochs: also wait for this many epochs (whole-epoch measurements: the same records as another run)
     window:        optimizer steps per measurement window: one GPU synchronisation and one log entry a window
     peak_flops:    the device's peak FLOP/s for MFU (default: `utils/flops.py`'s table; None on a CPU)
     filename:      the end-of-fit summary, written atomically beside the logs (`<log_dir>/perf.json`)
@@ -91,6 +92,7 @@ class EfficiencyMonitor(Callback):
     Args:
         enabled: set False to measure nothing.
         warmup_steps: optimizer steps before the measurement starts.
+        warmup_epochs: epochs before the measurement starts (it starts once both warm-ups are over).
         window: optimizer steps per measurement window (and log entry).
         peak_flops: peak FLOP/s of one device for MFU; default: our table (None on a CPU: no MFU).
         filename: name of the end-of-fit summary in the log folder (JSON); None: no file.
@@ -100,16 +102,20 @@ class EfficiencyMonitor(Callback):
         self,
         enabled: bool = True,
         warmup_steps: int = 3,
+        warmup_epochs: int = 0,
         window: int = 10,
         peak_flops: Optional[float] = None,
         filename: Optional[str] = "perf.json",
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"efficiency.warmup_steps: {warmup_steps}; use 0 or more")
+        if warmup_epochs < 0:
+            raise ValueError(f"efficiency.warmup_epochs: {warmup_epochs}; use 0 or more")
         if window < 1:
             raise ValueError(f"efficiency.window: {window}; use 1 or more")
         self.enabled = enabled
         self.warmup_steps = warmup_steps
+        self.warmup_epochs = warmup_epochs
         self.window = window
         self.peak_flops_override = peak_flops
         self.filename = filename
@@ -144,6 +150,7 @@ class EfficiencyMonitor(Callback):
         else:
             self.peak, self.peak_source = peak_flops(self.device, trainer.precision)
         self.first_step = trainer.global_step  # a resumed fit starts at its checkpoint's step
+        self.first_epoch = trainer.current_epoch
         self.start_step = None
         self.peak_bytes = 0.0
         self.window_counts = torch.zeros(len(COUNTERS), dtype=torch.int64, device=self.device)
@@ -154,7 +161,15 @@ class EfficiencyMonitor(Callback):
         self.pause_start: Optional[float] = None
         self.history = []
         self.summary = None
-        if self.warmup_steps == 0:
+        if self._warm(trainer):
+            self._start_measuring(trainer)
+
+    def _warm(self, trainer: Trainer) -> bool:
+        return (trainer.global_step - self.first_step >= self.warmup_steps
+                and trainer.current_epoch - self.first_epoch >= self.warmup_epochs)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and self.start_step is None and self._warm(trainer):
             self._start_measuring(trainer)
 
     def _parameter_split(self, model: torch.nn.Module) -> tuple[int, Optional[int]]:
@@ -177,7 +192,7 @@ class EfficiencyMonitor(Callback):
             return
         step = trainer.global_step
         if self.start_step is None:
-            if step - self.first_step >= self.warmup_steps:
+            if self._warm(trainer):
                 self._start_measuring(trainer)
             return
         if step - self.window_first_step >= self.window:
@@ -285,6 +300,7 @@ class EfficiencyMonitor(Callback):
             **{k.split("/", 1)[1]: v for k, v in rates.items()},
             "measured_steps": int(t["steps"]),
             "warmup_steps": self.warmup_steps,
+            "warmup_epochs": self.warmup_epochs,
             "seconds": t["seconds"],
             **{k: int(t[k]) for k in COUNTERS},
             "world_size": self.world_size,

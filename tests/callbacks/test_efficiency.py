@@ -89,3 +89,14 @@ def test_bad_settings_are_refused():
         EfficiencyMonitor(window=0)
     with pytest.raises(ValueError, match="efficiency.warmup_steps"):
         EfficiencyMonitor(warmup_steps=-1)
+
+
+def test_warmup_epochs_measure_exactly_the_second_epoch(tiny_model_dir, tmp_path):
+    module = QPeftModule(tiny_model_dir, compute_dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                         adapter=peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    data = NLGDataModule(tiny_model_dir, source_max_len=64, target_max_len=32, batch_size=4, max_train_records=14)
+    monitor = EfficiencyMonitor(warmup_steps=0, warmup_epochs=1, window=100, filename=None)
+    cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[monitor]).fit(module, data)
+    # 14 training records in batches of 4 (the last of 2): the measured epoch is its 4 steps and all 14 records
+    assert monitor.summary["measured_steps"] == 4
+    assert monitor.summary["samples"] == len(data.tokenized["train"]) == 14
