@@ -72,7 +72,7 @@ def batch_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([
         mask.sum(),
         supervised.to(torch.int64),
-        mask.new_tensor(ids.numel()),
+        mask.new_full((), ids.numel()),  # a fill kernel, not a host-to-device copy
         samples.to(torch.int64),
         (positions * mask).sum(),
     ])
@@ -333,7 +333,8 @@ def format_summary(s: dict[str, Any]) -> str:
         return "n/a" if v is None else format(v, spec)
 
     rows = [
-        ("measured", f"{s['measured_steps']} steps after {s['warmup_steps']} warm-up, {s['seconds']:.2f} s"),
+        ("measured", f"{s['measured_steps']} steps after a warm-up of {s['warmup_steps']} steps"
+                     f"{f' and {e} epoch(s)' if (e := s.get('warmup_epochs')) else ''}, {s['seconds']:.2f} s"),
         ("tokens/s", f"{fmt(s['tokens_per_s'], ',.0f')} ({fmt(s['tokens_per_s_per_device'], ',.0f')} per device, "
                      f"{s['world_size']} device(s))"),
         ("supervised tokens/s", fmt(s["supervised_tokens_per_s"], ",.0f")),

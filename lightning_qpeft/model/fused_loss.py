@@ -145,7 +145,7 @@ def linear_cross_entropy(x: torch.Tensor, lm_head: nn.Linear, targets: torch.Ten
     if x.shape[0] == 0:  # nothing supervised: a zero that still has a graph (the standard loss gives NaN)
         return x.sum() * 0.0
     if impl == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
         dtype = lm_head.weight.dtype
         if torch.is_autocast_enabled(x.device.type):

@@ -100,3 +100,28 @@ def test_warmup_epochs_measure_exactly_the_second_epoch(tiny_model_dir, tmp_path
     # 14 training records in batches of 4 (the last of 2): the measured epoch is its 4 steps and all 14 records
     assert monitor.summary["measured_steps"] == 4
     assert monitor.summary["samples"] == len(data.tokenized["train"]) == 14
+
+
+def test_ddp_window_sums_tokens_over_ranks_and_takes_the_slowest_clock():
+    """Two ranks: global tokens/s = all ranks' tokens / the slowest rank's seconds; per device = that / 2."""
+    from types import SimpleNamespace
+
+    monitor = EfficiencyMonitor(warmup_steps=0, window=4)
+    monitor.device, monitor.world_size, monitor.shape, monitor.peak = torch.device("cpu"), 2, None, None
+    monitor.window_counts = torch.tensor([100, 40, 120, 4, 900])  # this rank's window
+    monitor.window_first_step, monitor.paused, monitor.history = 0, 0.0, []
+    monitor.window_start = __import__("time").perf_counter() - 1.0  # this rank: ~1 s
+    other = torch.tensor([300, 60, 380, 12, 2000, 2.0, 5 * 2**30], dtype=torch.float64)  # the other: 2 s, 5 GiB
+    logged = []
+    strategy = SimpleNamespace(all_gather=lambda t: torch.stack([t, other]))
+    logger = SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)))
+    trainer = SimpleNamespace(global_step=4, strategy=strategy, loggers=[logger])
+    monitor._close_window(trainer)
+    step, m = logged[0]
+    assert step == 4
+    assert m["perf/tokens_per_s"] == pytest.approx(400 / 2.0)
+    assert m["perf/tokens_per_s_per_device"] == pytest.approx(200 / 2.0)
+    assert m["perf/supervised_tokens_per_s"] == pytest.approx(100 / 2.0)
+    assert m["perf/step_time"] == pytest.approx(0.5)
+    assert m["perf/peak_memory_gib"] == pytest.approx(5.0)  # the larger of the two ranks
+    assert monitor.totals["tokens"] == 400 and monitor.window_counts.sum() == 0

@@ -118,3 +118,44 @@ def test_refusals_name_model_loss(tiny_model_dir, monkeypatch):
     module = QPeftModule(tiny_model_dir, compute_dtype="float32", loss="chunked", adapter=head_lora)
     with pytest.raises(ValueError, match="model.loss: chunked needs a plain nn.Linear LM head"):
         module.configure_model()
+
+
+def test_liger_path_passes_weight_input_target_bias_in_one_dtype(monkeypatch):
+    """liger's loss takes (weight, input, target, bias): a stand-in module checks the call on a CPU."""
+    import sys
+    import types
+
+    calls = []
+
+    class FakeLigerLoss(torch.nn.Module):
+        def forward(self, weight, x, target, bias=None):
+            calls.append((weight.dtype, x.dtype, None if bias is None else bias.dtype))
+            return F.cross_entropy(F.linear(x.float(), weight.float(), None if bias is None else bias.float()),
+                                   target)
+
+    module = types.ModuleType("liger_kernel.transformers.fused_linear_cross_entropy")
+    module.LigerFusedLinearCrossEntropyLoss = FakeLigerLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.fused_linear_cross_entropy", module)
+    head = torch.nn.Linear(8, 20).to(torch.bfloat16)
+    x = torch.randn(5, 8)
+    y = torch.randint(0, 20, (5,))
+    loss = linear_cross_entropy(x, head, y, impl="liger")
+    assert calls == [(torch.bfloat16, torch.bfloat16, torch.bfloat16)]
+    expected = linear_cross_entropy(x.to(torch.bfloat16), head, y, impl="chunked")
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not fused_loss.liger_available(), reason="CUDA + liger-kernel")
+def test_liger_equals_chunked_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 256, device="cuda", generator=g, requires_grad=True)
+    head = torch.nn.Linear(256, 32000, bias=False, device="cuda").to(torch.bfloat16).requires_grad_(False)
+    y = torch.randint(0, 32000, (300,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = linear_cross_entropy(x, head, y, impl="liger")
+        (ga,) = torch.autograd.grad(a, x)
+        b = linear_cross_entropy(x, head, y, impl="chunked", chunk_rows=64)
+        (gb,) = torch.autograd.grad(b, x)
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=2e-2, atol=1e-4)

@@ -68,3 +68,10 @@ def test_device_table_knows_the_gpus(name, peak):
 def test_unknown_device_and_cpu_have_no_peak():
     assert lookup_peak("NVIDIA GeForce GTX 1080") is None
     assert peak_flops(torch.device("cpu"), "bf16-mixed") == (None, "none (not a CUDA device)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_this_gpu_has_a_peak():
+    peak, source = peak_flops(torch.device("cuda", 0), "bf16-mixed")
+    assert peak is not None, source
