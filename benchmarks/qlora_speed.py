@@ -24,9 +24,12 @@ What runs, in this order (each in its own process, so each starts with an empty 
 Our runs go through the real CLI (`python -m lightning_qpeft fit --config configs/llama2-7b/qlora-alpaca.yaml`,
 `--trainer.max_*`) and report from the efficiency callback's perf.json. Variants are extra CLI flags: presets
 (`--variants plain,fused,...`, see PRESETS) or `--variant NAME='--model.loss fused --data.packing true'`.
-`--budget-s` skips what would not finish in time (a device command gets 10 minutes).
+`--budget-s` skips what would not finish in time (a device command gets 10 minutes). `--profile N` profiles N
+steps of each of our runs just before its measured window (`efficiency.profile_steps`): where the GPU time
+goes, by kernel category, and how long the GPU waits for the CPU.
 
-Writes under --out: results.json (every number), table.md (the table), runs.log (every process's output).
+Writes under --out: results.json (every number), table.md (the table), runs.log (every process's output),
+profiles.txt (with --profile).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ PRESETS: dict[str, list[str]] = {
     "fused": ["--model.loss", "fused"],  # LM head + CE at supervised positions, chunked (liger on CUDA)
     "upcast": ["--model.loss", "standard", "--model.upcast_embeddings", "true"],  # the peer's fp32 embed/head
     "packing": ["--model.loss", "fused", "--data.packing", "true"],  # one padding-free row per micro-batch
+    "grouped": ["--model.loss", "fused", "--data.group_by_length", "true"],  # the peer's length-grouped order
+    "bf16-norms": ["--model.loss", "fused", "--model.upcast_norms", "false"],  # bf16 activations (see RESULTS)
     "compile": ["--model.loss", "fused", "--model.compile", "true"],
     "no-ckpt": ["--model.loss", "fused", "--model.gradient_checkpointing", "false"],
     "tokens4k": ["--model.loss", "fused", "--data.max_tokens", "4096"],  # changes records per step
@@ -145,7 +150,11 @@ class Bench:
                        mfu=p["mfu"], hfu=p["hfu"], step_time=p["step_time"], pad_fraction=p["pad_fraction"],
                        model_flops_per_token=(p["model_flops"] / p["tokens"]) if p["model_flops"] else None,
                        peak_flops=p["peak_flops"], measured_steps=p["measured_steps"], tokens=p["tokens"],
-                       samples=p["samples"])
+                       samples=p["samples"], profile=p.get("profile"))
+            prof = run_dir / "lightning_logs" / "version_0" / "profile.txt"
+            if prof.exists():
+                with open(self.out / "profiles.txt", "a") as f:
+                    f.write(f"===== {suite}/ours-{name}: {' '.join(flags)}\n{prof.read_text()}\n")
         self.results["runs"].append(row)
 
     def peer_real(self, data: Path, epoch_steps: int) -> None:
@@ -270,6 +279,11 @@ class Bench:
         for r in self.results["runs"]:
             if r.get("flags"):
                 self.say(f"{r['suite']}/{r['run']}: {r['flags']}")
+            if r.get("profile"):
+                p = r["profile"]
+                cats = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in list(p["categories_s_per_step"].items())[:5])
+                self.say(f"{r['suite']}/{r['run']} profile: {p['wall_s_per_step'] * 1e3:.0f} ms/step, GPU idle "
+                         f"{100 * (p['gpu_idle_fraction'] or 0):.0f} %; ms/step: {cats}")
         table = self.table()
         v = self.results.get("versions", {})
         head = (f"device {v.get('device', '?')}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
@@ -316,6 +330,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=256, help="Alpaca records in the real suite's sample")
     ap.add_argument("--fixed-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each of our runs")
     ap.add_argument("--budget-s", type=float, default=540, help="skip runs that would end after this")
     ap.add_argument("--min-run-s", type=float, default=50, help="budget a run needs to be started")
     a = ap.parse_args()
@@ -323,6 +338,8 @@ def main() -> None:
     a.alpaca = a.alpaca or a.bench_data / "alpaca_5000.json"
     a.tokenizer = a.tokenizer or a.bench_data / "llama2"
     chosen = variants(a)
+    if a.profile and a.records // 16 < a.profile + 2:
+        sys.exit(f"--profile {a.profile}: needs --records >= {16 * (a.profile + 2)} (profiled steps end epoch 1)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     b = Bench(a)
     if not b.environment() or not b.checkpoint():
@@ -340,10 +357,12 @@ def main() -> None:
         if "real" in suites:
             if not a.no_peer:
                 b.peer_real(data, epoch)
-            for name, flags in chosen:  # two epochs, the second measured whole
-                b.ours("real", name, flags, real_args,
-                       ["--trainer.max_epochs", "2", "--trainer.max_steps", "-1", "--efficiency.warmup_steps", "0",
-                        "--efficiency.warmup_epochs", "1", "--efficiency.window", str(epoch)])
+            # two epochs, the second measured whole (profiled steps, if any, end the first)
+            warm = (["--efficiency.warmup_steps", str(epoch - a.profile), "--efficiency.profile_steps", str(a.profile)]
+                    if a.profile else ["--efficiency.warmup_steps", "0", "--efficiency.warmup_epochs", "1"])
+            for name, flags in chosen:
+                b.ours("real", name, flags, real_args, ["--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
+                                                        "--efficiency.window", str(epoch), *warm])
         if "real" in checks:
             kwargs = dict(tokenizer=str(a.ckpt), task="file", path=str(data), val_path=str(data), template="alpaca",
                           source_max_len=384, target_max_len=128, batch_size=16)
@@ -355,8 +374,8 @@ def main() -> None:
             b.peer_fixed()
         for name, flags in chosen:
             b.ours("fixed", name, flags, fixed_args,
-                   ["--trainer.max_steps", str(3 + a.fixed_steps), "--efficiency.warmup_steps", "3",
-                    "--efficiency.window", str(a.fixed_steps)])
+                   ["--trainer.max_steps", str(3 + a.profile + a.fixed_steps), "--efficiency.warmup_steps", "3",
+                    "--efficiency.profile_steps", str(a.profile), "--efficiency.window", str(a.fixed_steps)])
     if "fixed" in checks:
         kwargs = dict(tokenizer=str(a.ckpt), task="random-tokens", train_on_source=True, source_max_len=384,
                       target_max_len=128, batch_size=8)

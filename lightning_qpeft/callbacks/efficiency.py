@@ -7,6 +7,8 @@ Config keys (`efficiency.*`, a top-level section of the CLI config; on by defaul
     window:        optimizer steps per measurement window: one GPU synchronisation and one log entry a window
     peak_flops:    the device's peak FLOP/s for MFU (default: `utils/flops.py`'s table; None on a CPU)
     filename:      the end-of-fit summary, written atomically beside the logs (`<log_dir>/perf.json`)
+    profile_steps: profile this many optimizer steps after the warm-up (torch.profiler; they are not measured)
+                   and write where the GPU time goes to `<log_dir>/profile.txt` (`utils/profiling.py`)
 
 Logged every window, to every logger (TensorBoard by default), at the window's last step:
     perf/tokens_per_s             real (non-pad) tokens: attention_mask.sum(), or input_ids.numel() for
@@ -42,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_qpeft.utils.atomic import atomic_file
 from lightning_qpeft.utils.flops import TransformerShape, peak_flops, training_flops
+from lightning_qpeft.utils.profiling import StepProfiler
 
 IGNORE_INDEX = -100
 GIB = 2**30
@@ -96,6 +99,7 @@ class EfficiencyMonitor(Callback):
         window: optimizer steps per measurement window (and log entry).
         peak_flops: peak FLOP/s of one device for MFU; default: our table (None on a CPU: no MFU).
         filename: name of the end-of-fit summary in the log folder (JSON); None: no file.
+        profile_steps: optimizer steps to profile between the warm-up and the measurement (0: none).
     """
 
     def __init__(
@@ -106,11 +110,14 @@ class EfficiencyMonitor(Callback):
         window: int = 10,
         peak_flops: Optional[float] = None,
         filename: Optional[str] = "perf.json",
+        profile_steps: int = 0,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"efficiency.warmup_steps: {warmup_steps}; use 0 or more")
         if warmup_epochs < 0:
             raise ValueError(f"efficiency.warmup_epochs: {warmup_epochs}; use 0 or more")
+        if profile_steps < 0:
+            raise ValueError(f"efficiency.profile_steps: {profile_steps}; use 0 or more")
         if window < 1:
             raise ValueError(f"efficiency.window: {window}; use 1 or more")
         self.enabled = enabled
@@ -119,6 +126,9 @@ class EfficiencyMonitor(Callback):
         self.window = window
         self.peak_flops_override = peak_flops
         self.filename = filename
+        self.profile_steps = profile_steps
+        self.profiler: Optional[StepProfiler] = None
+        self.profile: Optional[dict[str, Any]] = None
         self.summary: Optional[dict[str, Any]] = None
         self.history: list[dict[str, float]] = []
         self.start_step: Optional[int] = None  # the step the measurement started at (None: not measuring)
@@ -161,16 +171,37 @@ class EfficiencyMonitor(Callback):
         self.pause_start: Optional[float] = None
         self.history = []
         self.summary = None
+        self.profile = None
         if self._warm(trainer):
-            self._start_measuring(trainer)
+            self._after_warmup(trainer)
 
     def _warm(self, trainer: Trainer) -> bool:
         return (trainer.global_step - self.first_step >= self.warmup_steps
                 and trainer.current_epoch - self.first_epoch >= self.warmup_epochs)
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.enabled and self.start_step is None and self._warm(trainer):
+    def _after_warmup(self, trainer: Trainer) -> None:
+        """Profile first if asked (those steps are slowed by the profiler), then measure."""
+        if self.profile_steps and self.profile is None:
+            self._sync()
+            self.profiler = StepProfiler(self.device)
+            self.profile_start = (trainer.global_step, time.perf_counter())
+        else:
             self._start_measuring(trainer)
+
+    def _stop_profiling(self, trainer: Trainer) -> None:
+        self._sync()
+        steps = trainer.global_step - self.profile_start[0]
+        self.profile, text = self.profiler.stop(time.perf_counter() - self.profile_start[1], steps)
+        self.profiler = None
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
+        if trainer.is_global_zero:
+            rank_zero_info(text)
+            with atomic_file(log_dir / "profile.txt", "w") as f:
+                f.write(text)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enabled and self.start_step is None and self.profiler is None and self._warm(trainer):
+            self._after_warmup(trainer)
 
     def _parameter_split(self, model: torch.nn.Module) -> tuple[int, Optional[int]]:
         """(trainable matmul parameters, frozen matmul parameters or None for 'all of N')."""
@@ -191,9 +222,14 @@ class EfficiencyMonitor(Callback):
         if not self.enabled:
             return
         step = trainer.global_step
+        if self.profiler is not None:
+            if step - self.profile_start[0] >= self.profile_steps:
+                self._stop_profiling(trainer)
+                self._start_measuring(trainer)
+            return
         if self.start_step is None:
             if self._warm(trainer):
-                self._start_measuring(trainer)
+                self._after_warmup(trainer)
             return
         if step - self.window_first_step >= self.window:
             self._close_window(trainer)
@@ -212,6 +248,8 @@ class EfficiencyMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
             return
+        if self.profiler is not None:
+            self._stop_profiling(trainer)
         if self.start_step is not None and trainer.global_step > self.window_first_step:
             self._close_window(trainer)
         self.start_step = None  # a later validate/test in this process is not measured
@@ -220,10 +258,11 @@ class EfficiencyMonitor(Callback):
                            f"warm-up {self.warmup_steps}); no {self.filename}")
             return
         self.summary = self._summarise(trainer)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
         if trainer.is_global_zero:
             rank_zero_info(format_summary(self.summary))
             if self.filename:
-                path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+                path = log_dir / self.filename
                 with atomic_file(path, "w") as f:
                     json.dump(self.summary, f, indent=2)
                 self.summary["path"] = str(path)
@@ -320,6 +359,7 @@ class EfficiencyMonitor(Callback):
                             "(lightning_qpeft/utils/flops.py)",
             "shape": asdict(self.shape) if self.shape else None,
             "matmul_params": self.shape.matmul_params if self.shape else None,
+            "profile": self.profile,
             "windows": self.history,
         }
         summary.setdefault("mfu", None)

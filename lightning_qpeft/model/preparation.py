@@ -2,7 +2,10 @@
 
 Config keys (on `QPeftModule`):
     model.gradient_checkpointing: recompute activations in backward (non-reentrant: DDP-safe)
-    model.upcast_norms:           keep RMSNorm weights in float32 (QLoRA does; costs nothing measurable)
+    model.upcast_norms:           keep RMSNorm weights in float32 (QLoRA does). Not free under bf16 autocast: an
+                                  fp32 norm weight times a bf16 input is fp32, and bitsandbytes returns its input's
+                                  dtype, so q/k/v, the MLP and the residual stream then run in fp32
+                                  (tests/model/test_preparation.py); false keeps them bf16
     model.upcast_embeddings:      also cast the embeddings and the LM head (every weight that is not quantized)
                                   to float32, as prepare_model_for_kbit_training does: off by default; on to
                                   reproduce the peer recipe's numerics (benchmarks/)

@@ -54,14 +54,16 @@ def test_tiny_fit_logs_perf_keys_and_writes_summary(tiny_model_dir, tmp_path):
     module = QPeftModule(tiny_model_dir, compute_dtype="float32", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
                          adapter=peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     data = NLGDataModule(tiny_model_dir, source_max_len=64, target_max_len=32, batch_size=4, max_train_records=64)
-    monitor = EfficiencyMonitor(warmup_steps=2, window=3)
+    monitor = EfficiencyMonitor(warmup_steps=1, window=3, profile_steps=1)  # profiled step 2 is not measured
     recorder = BatchRecorder(after=2)
     logger = TensorBoardLogger(tmp_path, name="logs")
     trainer = cpu_trainer(max_steps=7, limit_val_batches=0, logger=logger, callbacks=[monitor, recorder])
     trainer.fit(module, data)
 
     summary = json.loads((tmp_path / "logs" / "version_0" / "perf.json").read_text())
-    assert summary["measured_steps"] == 5 and summary["warmup_steps"] == 2
+    assert summary["measured_steps"] == 5 and summary["warmup_steps"] == 1
+    assert summary["profile"]["steps"] == 1 and summary["profile"]["wall_s_per_step"] > 0
+    assert (tmp_path / "logs" / "version_0" / "profile.txt").read_text().startswith("profile of 1 optimizer step")
     assert summary["tokens"] == recorder.tokens  # the measured batches' real tokens, exactly
     assert summary["supervised_tokens"] == recorder.supervised
     assert summary["samples"] == 5 * 4
