@@ -77,7 +77,6 @@ def run(a: argparse.Namespace) -> None:
 
 
 def compare(a: argparse.Namespace) -> None:
-    import torch
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -51,10 +51,11 @@ def test_frozen_head_gets_no_gradient_and_empty_selection_gives_zero():
 LORA = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def losses_of(tiny_model_dir, batches, steps=3, **kw):
-    torch.manual_seed(0)  # the same LoRA initialisation for every path
-    module = QPeftModule(tiny_model_dir, quantization="nf4-dq", compute_dtype="float32", adapter=LORA, **kw)
-    module.configure_model()
+def losses_of(tiny_model_dir, batches, steps=3, module=None, **kw):
+    if module is None:
+        torch.manual_seed(0)  # the same LoRA initialisation for every path
+        module = QPeftModule(tiny_model_dir, quantization="nf4-dq", compute_dtype="float32", adapter=LORA, **kw)
+        module.configure_model()
     module.model.train()
     opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-2)
     out = []
@@ -75,9 +76,18 @@ def batches(tiny_model_dir):
 
 
 def test_fused_training_equals_standard_training(tiny_model_dir, batches):
-    plain, _ = losses_of(tiny_model_dir, batches)
-    fused, module = losses_of(tiny_model_dir, batches, loss="fused", gradient_checkpointing=True)
+    torch.manual_seed(0)
+    module = QPeftModule(tiny_model_dir, quantization="nf4-dq", compute_dtype="float32", adapter=LORA, loss="fused")
+    module.configure_model()
     assert module.loss_impl == "chunked"  # no liger on a CPU
+    start = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    fused, _ = losses_of(tiny_model_dir, batches, module=module)
+    with torch.no_grad():  # back to the same initial adapter, then the standard loss
+        for n, p in module.model.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+    module.loss_impl = "standard"
+    plain, _ = losses_of(tiny_model_dir, batches, module=module)
     assert plain[2] < plain[0] - 0.5  # it trains, so equal losses at step 3 mean equal updates
     assert fused == pytest.approx(plain, rel=1e-5)
 
