@@ -29,7 +29,8 @@ def test_fit_logs_checkpoints_and_exports(tiny_model_dir, tmp_path):
     QPeftCLI(args=["fit", *tiny_args(tiny_model_dir, tmp_path)])
     version = tmp_path / "lightning_logs" / "version_0"
     logged = scalars(version)
-    for tag in ("train/loss", "val/loss", "val/ppl", "lr-AdamW", "params/trainable", "params/total"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "lr-AdamW", "params/trainable", "params/total",
+                "perf/tokens_per_s", "perf/peak_memory_gib"):  # efficiency: on by default
         assert tag in logged, tag
     val = [v for _, v in logged["val/loss"]]
     assert len(val) == 2 and val[1] < val[0]
@@ -37,6 +38,7 @@ def test_fit_logs_checkpoints_and_exports(tiny_model_dir, tmp_path):
     assert (version / "adapter" / "adapter_config.json").exists()
     assert (version / "checkpoints" / "last.ckpt").exists()
     assert (version / "config.yaml").exists()
+    assert json.loads((version / "perf.json").read_text())["measured_steps"] == 17  # 20 - 3 warm-up steps
 
     # resume from the last checkpoint and train 10 more steps
     QPeftCLI(args=["fit", *tiny_args(tiny_model_dir, tmp_path, "--trainer.max_steps", "30",

@@ -9,6 +9,7 @@ from lightning_qpeft.cli import QPeftCLI
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 ADAPTER_CONFIGS = sorted((ROOT / "configs" / "adapter").glob("*.yaml"))
+MODEL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "adapter")
 
 
 def test_there_are_configs():
@@ -21,6 +22,13 @@ def test_run_config_instantiates(config, tiny_model_dir):
                          "--trainer.logger", "false"], run=False)
     assert cli.model.base_model == tiny_model_dir
     assert cli.datamodule.tokenizer_name == tiny_model_dir  # linked from model.base_model
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_model_config_instantiates(config, tiny_model_dir, alpaca_file):
+    cli = QPeftCLI(args=["--config", str(config), "--model.base_model", tiny_model_dir, "--data.path", alpaca_file,
+                         "--trainer.logger", "false"], run=False)
+    assert cli.model.base_model == tiny_model_dir and cli.datamodule.path == alpaca_file
 
 
 @pytest.mark.parametrize("adapter", ADAPTER_CONFIGS, ids=lambda p: p.name)

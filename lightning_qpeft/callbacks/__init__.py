@@ -1,4 +1,5 @@
 from lightning_qpeft.callbacks.adapter_export import AdapterExport
+from lightning_qpeft.callbacks.efficiency import EfficiencyMonitor
 from lightning_qpeft.callbacks.prediction_writer import JsonlPredictionWriter
 
-__all__ = ["AdapterExport", "JsonlPredictionWriter"]
+__all__ = ["AdapterExport", "EfficiencyMonitor", "JsonlPredictionWriter"]

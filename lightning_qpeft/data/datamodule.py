@@ -2,7 +2,8 @@
 
 Config keys (`data.*`):
     tokenizer:        linked from `model.base_model` by the CLI (the base model's own tokenizer)
-    task, path:       which records (`sources.py`); val_path / test_path / predict_path for other splits
+    task, path:       which records (`sources.py`); val_path / test_path / predict_path for other splits;
+                      `random-tokens`: fixed-length random ids for speed measurements (`random_tokens.py`)
     template:         prompt template (`templates.py`); default: the task's
     train_on_source, source_max_len, target_max_len: see `collate.py`
     val_size:         records split off train for validation when no val_path/built-in validation
@@ -72,6 +73,8 @@ class NLGDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         spec = get_task(task)
+        if spec.tokens is not None and path is not None:
+            raise ValueError(f"data.path: task {task!r} makes its own records; unset data.path or use task: file")
         self.template = get_template(template or spec.template)
         if target_max_len < 1:
             raise ValueError(f"data.target_max_len: {target_max_len} leaves no target token; use at least 1")
@@ -109,6 +112,15 @@ class NLGDataModule(LightningDataModule):
             self.records["predict"] = read_json_records(self.predict_path, "data.predict_path")
             return
         if self.records:
+            return
+        spec = get_task(self.task)
+        if spec.tokens is not None:  # token-level task: records are token ids already (no template, no tokenizer)
+            self.records = spec.tokens(len(self.tokenizer), self.source_max_len, self.target_max_len,
+                                       self.train_on_source, self.seed)
+            if self.max_train_records is not None:
+                train = self.records["train"]
+                self.records["train"] = train.select(range(min(self.max_train_records, len(train))))
+            self.tokenized = dict(self.records)
             return
         splits = load_task_splits(self.task, self.path, self.val_path, self.test_path, self.seed)
         train = splits["train"]

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import datasets
 
+from lightning_qpeft.data.random_tokens import random_token_splits
 from lightning_qpeft.data.synthetic import synthetic_e2e
 
 CANONICAL = ("instruction", "input", "output")
@@ -36,6 +37,8 @@ class Task:
         template: default prompt template.
         builtin: generates (train, validation, test) records offline, given a seed; None for file tasks.
         description: one line for docs.
+        tokens: for token-level tasks (no text): (vocab_size, source_len, target_len, train_on_source, seed) ->
+            tokenized splits, which skip the template and the tokenizer.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Task:
     builtin: Optional[Callable[[int], tuple[list, list, list]]] = None
     description: str = ""
     fields: dict[str, str] = field(default_factory=dict)
+    tokens: Optional[Callable[..., dict[str, datasets.Dataset]]] = None
 
 
 def _synthetic_e2e_splits(seed: int) -> tuple[list, list, list]:
@@ -55,6 +59,8 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("synthetic-e2e", "alpaca", _synthetic_e2e_splits, "built-in E2E-style data-to-text (offline)"),
         Task("file", "alpaca", None, "a local Alpaca-style (instruction/input/output) or input/output file"),
+        Task("random-tokens", "plain", None, "fixed-length random token ids, for speed measurements",
+             tokens=random_token_splits),
     )
 }
 

@@ -7,6 +7,10 @@ Config keys (`model.*`):
     adapter_path:            a trained adapter folder (peft `save_pretrained` output) to evaluate or train on
     gradient_checkpointing:  recompute activations in backward (less memory, ~30 % more time)
     upcast_norms:            RMSNorm weights in float32
+    upcast_embeddings:       also embeddings and LM head in float32 (the peer recipe's numerics; +1 GiB on 7B)
+    loss:                    standard | fused | chunked | liger: where the LM head + cross-entropy run
+                             (`fused_loss.py`: fused computes them at supervised positions only, chunk by chunk)
+    compile, compile_options: torch.compile each decoder layer's attention and MLP (`preparation.compile_layers`)
     optimizer, lr_scheduler: callables applied to the trainable parameters only
     generation:              decoding settings for `predict` and generation metrics
 
@@ -33,8 +37,16 @@ from lightning_qpeft.model.adapters import (
     load_adapter_config,
     method_name,
 )
+from lightning_qpeft.model.fused_loss import (
+    causal_lm_of,
+    check_loss_name,
+    linear_cross_entropy,
+    output_layer,
+    resolve_loss,
+    supervised_hidden,
+)
 from lightning_qpeft.model.loading import load_base_model
-from lightning_qpeft.model.preparation import prepare_base
+from lightning_qpeft.model.preparation import compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.schedules import needs_total_steps
 
@@ -81,6 +93,12 @@ class QPeftModule(LightningModule):
         adapter_path: folder of a trained adapter to load instead of a new one (evaluate, predict, train on).
         gradient_checkpointing: recompute activations in backward.
         upcast_norms: keep normalisation weights in float32.
+        upcast_embeddings: cast every weight that is not quantized (embeddings, LM head, norms) to float32, as
+            peft's prepare_model_for_kbit_training does (to reproduce the peer recipe; costs memory and time).
+        loss: standard (the model's own loss over full logits), fused (LM head + cross-entropy at supervised
+            positions only, chunked: liger-kernel on CUDA when installed, else torch), chunked, or liger.
+        compile: torch.compile the attention and MLP of every decoder layer.
+        compile_options: keyword arguments of torch.compile (e.g. {"mode": "max-autotune-no-cudagraphs"}).
         optimizer: optimizer factory, given the trainable parameters.
         lr_scheduler: scheduler factory, stepped every optimizer step.
         generation: decoding settings for predict and generation metrics.
@@ -99,6 +117,10 @@ class QPeftModule(LightningModule):
         adapter_path: Optional[str] = None,
         gradient_checkpointing: bool = False,
         upcast_norms: bool = True,
+        upcast_embeddings: bool = False,
+        loss: str = "standard",
+        compile: bool = False,
+        compile_options: Optional[dict[str, Any]] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         generation: Optional[Generation] = None,
@@ -108,6 +130,7 @@ class QPeftModule(LightningModule):
         super().__init__()
         # Refuse bad values now, before any weight is loaded.
         get_quant_mode(quantization)
+        check_loss_name(loss)
         resolve_dtype(compute_dtype, "model.compute_dtype")
         if dtype != "auto":
             resolve_dtype(dtype, "model.dtype")
@@ -122,6 +145,14 @@ class QPeftModule(LightningModule):
         self.adapter = load_adapter_config(adapter_path) if adapter_path is not None else adapter
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_norms = upcast_norms
+        self.upcast_embeddings = upcast_embeddings
+        self.loss = loss
+        if loss != "standard" and self.adapter is not None and getattr(self.adapter, "is_prompt_learning", False):
+            raise ValueError(f"model.loss: {loss} calls the decoder directly, which skips the virtual tokens of "
+                             f"{method_name(self.adapter)}; use model.loss: standard")
+        self.use_compile = compile  # not self.compile: that is nn.Module.compile
+        self.compile_options = compile_options
+        self.loss_impl = "standard"  # what model.loss resolves to on this run's device (configure_model)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.generation = generation or Generation()
@@ -137,6 +168,7 @@ class QPeftModule(LightningModule):
                 "adapter": adapter_to_dict(self.adapter),
                 "adapter_path": adapter_path,
                 "gradient_checkpointing": gradient_checkpointing,
+                "loss": loss,
             }
         )
         self.model: Optional[torch.nn.Module] = None
@@ -160,8 +192,13 @@ class QPeftModule(LightningModule):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
         )
-        base = prepare_base(base, self.gradient_checkpointing, self.upcast_norms)
+        base = prepare_base(base, self.gradient_checkpointing, self.upcast_norms, self.upcast_embeddings)
         self.model = attach_adapter(base, self.adapter, self.adapter_path)
+        self.loss_impl = resolve_loss(self.loss, device)
+        if self.loss_impl != "standard":
+            output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
+        if self.use_compile:
+            compile_layers(self.model, self.compile_options)
 
     @property
     def method(self) -> str:
@@ -189,9 +226,18 @@ class QPeftModule(LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss over the batch's supervised tokens, and how many there are (for token-weighted means)."""
-        loss = self(**batch).loss
+        loss = self(**batch).loss if self.loss_impl == "standard" else self._supervised_loss(batch)
         n_supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         return loss, n_supervised
+
+    def _supervised_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The same loss without full logits: decoder -> hidden states at supervised positions -> fused
+        LM head + cross-entropy (`fused_loss.py`)."""
+        causal_lm = causal_lm_of(self.model)
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and k != "labels"}
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state  # (B, T, H)
+        hidden, targets = supervised_hidden(hidden, batch["labels"])  # (n, H), (n,)
+        return linear_cross_entropy(hidden, causal_lm.get_output_embeddings(), targets, self.loss_impl)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch)

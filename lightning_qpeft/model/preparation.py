@@ -2,7 +2,14 @@
 
 Config keys (on `QPeftModule`):
     model.gradient_checkpointing: recompute activations in backward (non-reentrant: DDP-safe)
-    model.upcast_norms:           keep RMSNorm weights in float32 (QLoRA does; costs nothing measurable)
+    model.upcast_norms:           keep RMSNorm weights in float32 (QLoRA does). Not free under bf16 autocast: an
+                                  fp32 norm weight times a bf16 input is fp32, and bitsandbytes returns its input's
+                                  dtype, so q/k/v, the MLP and the residual stream then run in fp32
+                                  (tests/model/test_preparation.py); false keeps them bf16
+    model.upcast_embeddings:      also cast the embeddings and the LM head (every weight that is not quantized)
+                                  to float32, as prepare_model_for_kbit_training does: off by default; on to
+                                  reproduce the peer recipe's numerics (benchmarks/)
+    model.compile:                torch.compile each decoder layer's attention and MLP (`compile_layers`)
 
 This replaces peft's `prepare_model_for_kbit_training`, which (a) turns gradient checkpointing on by default,
 so that prefix tuning then refuses to run, and (b) upcasts *every* non-4-bit weight to float32, the 32k x
@@ -11,6 +18,8 @@ per step under autocast). Here both are explicit choices.
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -33,15 +42,56 @@ def upcast_norms(model: nn.Module) -> int:
     return n
 
 
+def upcast_non_quantized(model: nn.Module) -> int:
+    """Cast every float16/bfloat16 parameter that is not a packed 4-bit/8-bit weight to float32, as
+    peft's `prepare_model_for_kbit_training` does; returns how many changed."""
+    n = 0
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and p.__class__.__name__ not in ("Params4bit", "Int8Params"):
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None) -> int:
+    """`torch.compile` the attention and MLP of every decoder layer, in place; returns how many modules.
+
+    Why these regions and not the whole model (the peer's `torch.compile(model)`, +44 % speed at 2.1x memory,
+    ../shared/reference/peers.md): transformers' gradient checkpointing wraps each decoder layer's forward. A
+    compiled region inside that wrapper is an ordinary call to it: whatever the compiled graph saves for
+    backward is dropped by the checkpoint and recomputed, so memory stays that of eager checkpointing. A graph
+    spanning the checkpoints is partitioned by AOTAutograd instead, which decides on its own what to save: the
+    bf16 weights that bitsandbytes dequantizes for the forward matmul are needed again by the input-gradient
+    matmul, and a dequantization is not on the partitioner's list of ops cheap to recompute, so keeping a
+    bf16 copy of every layer's weights (~12 GiB on Llama-2-7B) is its likely choice: consistent with the
+    +10 GiB measured, but a hypothesis until a memory snapshot on the GPU confirms it (benchmarks/RESULTS.md).
+    Every layer runs the same code, so one compiled graph serves all of them (recompiled per new shape).
+    """
+    from lightning_qpeft.model.fused_loss import causal_lm_of
+
+    layers = getattr(causal_lm_of(model).get_decoder(), "layers", None)
+    regions = [getattr(layer, name) for layer in (layers or []) for name in ("self_attn", "mlp") if hasattr(layer, name)]
+    if not regions:
+        raise ValueError(f"model.compile: found no decoder layers with self_attn/mlp in {type(model).__name__}; "
+                         "set model.compile: false")
+    for region in regions:
+        region.compile(**(options or {}))
+    return len(regions)
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing: works with frozen inputs and with DDP (no 'marked ready twice')."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def prepare_base(model: nn.Module, gradient_checkpointing: bool, norms_fp32: bool = True) -> nn.Module:
-    """Freeze the base, upcast its norms, and set checkpointing; returns the same model."""
+def prepare_base(model: nn.Module, gradient_checkpointing: bool, norms_fp32: bool = True,
+                 all_fp32: bool = False) -> nn.Module:
+    """Freeze the base, upcast its norms (or, `all_fp32`, every weight not quantized), and set checkpointing;
+    returns the same model."""
     freeze(model)
-    if norms_fp32:
+    if all_fp32:
+        upcast_non_quantized(model)
+    elif norms_fp32:
         upcast_norms(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)

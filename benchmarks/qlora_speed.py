@@ -1,0 +1,387 @@
+"""Our `fit` against the peer QLoRA recipe, side by side on one GPU in one call; the last lines are the table.
+
+On the device machine, from the repository root, with bench_data/ and .whl/ carried (benchmarks/RESULTS.md):
+
+    bash benchmarks/qlora_speed.sh --out $OUT --suites real,fixed --variants plain,fused --check real
+
+What runs, in this order (each in its own process, so each starts with an empty GPU):
+1. the random-weight Llama-2-7B checkpoint (bf16, built on the GPU by the peer's own make_checkpoint, the LLaMA-2
+   tokenizer saved beside it): benchmarks/make_checkpoint.py; reused when it exists.
+2. suite `real`: a seeded sample of `--records` Alpaca records (alpaca_5000.json), the Alpaca prompt masked,
+   source <= 384 / target <= 128, NF4 + DQ, LoRA r=64 alpha 16 dropout 0.05 on all linear layers, 16 records an
+   optimizer step. The peer (bench_data/peer_trainer.py --batch 16 --accum 1, group_by_length) and each of our
+   variants train two epochs of the sample and are timed over the second: whole epochs hold the same records
+   whatever the order (peers.md: a window of the peer's first steps is biased towards its longest records).
+3. suite `fixed`: 8 x 512 random tokens, every token supervised (labels = input ids): the peer's
+   peer_fixed_length.py nf4-dq:1 (median of 8 steps after 3) and ours (`data.task: random-tokens`, mean of
+   `--fixed-steps` steps after 3).
+4. `--check real|fixed`: the same training. benchmarks/peer_reference.py trains the peer recipe for
+   `--check-steps` steps on our batches from a saved LoRA init (dropout 0), our fit trains from the same init
+   with the first variant's flags plus `model.upcast_embeddings=true` (the peer's fp32 embeddings and head);
+   each step's loss must agree within 0.02 nats and the adapters' updates must point the same way (cosine >=
+   0.99). For `real` it also checks that our tokenization equals the peer's `build()` record for record.
+
+Our runs go through the real CLI (`python -m lightning_qpeft fit --config configs/llama2-7b/qlora-alpaca.yaml`,
+`--trainer.max_*`) and report from the efficiency callback's perf.json. Variants are extra CLI flags: presets
+(`--variants plain,fused,...`, see PRESETS) or `--variant NAME='--model.loss fused --data.packing true'`.
+`--budget-s` skips what would not finish in time (a device command gets 10 minutes). `--profile N` profiles N
+steps of each of our runs just before its measured window (`efficiency.profile_steps`): where the GPU time
+goes, by kernel category, and how long the GPU waits for the CPU.
+
+Writes under --out: results.json (every number), table.md (the table), runs.log (every process's output),
+profiles.txt (with --profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "llama2-7b" / "qlora-alpaca.yaml"
+PRESETS: dict[str, list[str]] = {
+    "plain": ["--model.loss", "standard"],  # the recipe as transformers computes its loss
+    "fused": ["--model.loss", "fused"],  # LM head + CE at supervised positions, chunked (liger on CUDA)
+    "upcast": ["--model.loss", "standard", "--model.upcast_embeddings", "true"],  # the peer's fp32 embed/head
+    "packing": ["--model.loss", "fused", "--data.packing", "true"],  # one padding-free row per micro-batch
+    "grouped": ["--model.loss", "fused", "--data.group_by_length", "true"],  # the peer's length-grouped order
+    "bf16-norms": ["--model.loss", "fused", "--model.upcast_norms", "false"],  # bf16 activations (see RESULTS)
+    "compile": ["--model.loss", "fused", "--model.compile", "true"],
+    "no-ckpt": ["--model.loss", "fused", "--model.gradient_checkpointing", "false"],
+    "tokens4k": ["--model.loss", "fused", "--data.max_tokens", "4096"],  # changes records per step
+}
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
+         "--trainer.num_sanity_val_steps", "0"]
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.t0 = time.time()
+        self.work = Path(a.work)
+        self.out = Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out / "runs.log", "a")
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+        self.results: dict = {"runs": [], "checks": {}, "args": args}
+
+    def left(self) -> float:
+        return self.a.budget_s - (time.time() - self.t0)
+
+    def say(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:6.0f}s] {msg}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def sh(self, name: str, cmd: list[str], need_s: float = 60) -> tuple[int, str]:
+        """Run one process, its output to runs.log; returns (exit code, output). Skipped without budget."""
+        if self.left() < need_s:
+            self.say(f"{name}: skipped ({self.left():.0f} s of budget left, needs ~{need_s:.0f})")
+            return -1, "skipped"
+        self.say(f"{name}: " + (f"python -c <{len(cmd[2])} characters>" if cmd[1:2] == ["-c"] else shlex.join(cmd)))
+        t = time.time()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=max(self.left(), 10))
+            rc, text = p.returncode, p.stdout
+        except subprocess.TimeoutExpired as e:
+            rc, text = 124, (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "") + "\nTIMEOUT"
+        self.log.write(f"----- {name} (rc {rc}, {time.time() - t:.0f} s)\n{text}\n")
+        self.log.flush()
+        status = "ok" if rc == 0 else f"FAILED rc={rc}:\n" + "\n".join(text.strip().splitlines()[-15:])
+        self.say(f"{name}: {status} ({time.time() - t:.0f} s)")
+        return rc, text
+
+    # --------------------------------------------------------------------------------------- set-up
+    def environment(self) -> bool:
+        code = ("import importlib, json, torch; mods = ['torch','transformers','peft','bitsandbytes','lightning',"
+                "'datasets','jsonargparse','torchdata','pyarrow','fsspec','huggingface_hub','tokenizers']\n"
+                "v = {m: getattr(importlib.import_module(m), '__version__', '?') for m in mods}\n"
+                "try:\n import liger_kernel; from importlib.metadata import version; v['liger_kernel'] = "
+                "version('liger-kernel')\nexcept ImportError: v['liger_kernel'] = None\n"
+                "v['device'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'\n"
+                "import lightning.pytorch.cli, lightning_qpeft.cli\nprint('VERSIONS', json.dumps(v))")
+        rc, text = self.sh("environment", [sys.executable, "-c", code], need_s=0)
+        for line in text.splitlines():
+            if line.startswith("VERSIONS "):
+                self.results["versions"] = json.loads(line[9:])
+                self.say("versions: " + line[9:])
+        return rc == 0
+
+    def checkpoint(self) -> bool:
+        rc, _ = self.sh("checkpoint", [sys.executable, "benchmarks/make_checkpoint.py", "--peer-dir",
+                                       str(self.a.peer_dir), "--tokenizer", str(self.a.tokenizer), "--ckpt",
+                                       str(self.a.ckpt)], need_s=30)
+        return rc == 0
+
+    def sample(self) -> Path:
+        """A seeded sample of whole Alpaca records, a multiple of 16 so that epochs end on full steps."""
+        records = json.loads(Path(self.a.alpaca).read_text())
+        n = self.a.records - self.a.records % 16
+        path = self.work / f"alpaca_{n}.json"
+        path.write_text(json.dumps(random.Random(self.a.seed).sample(records, n)))
+        return path
+
+    # --------------------------------------------------------------------------------------- runs
+    def ours(self, suite: str, name: str, flags: list[str], data_args: list[str], steps: list[str]) -> None:
+        run_dir = self.work / f"{suite}-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG),
+               "--model.base_model", str(self.a.ckpt), "--trainer.default_root_dir", str(run_dir),
+               "--adapter_export.enabled", "false", *QUIET, *data_args, *steps, *flags]
+        rc, _ = self.sh(f"{suite}/ours-{name}", cmd, need_s=self.a.min_run_s)
+        row = {"suite": suite, "run": f"ours-{name}", "flags": " ".join(flags), "rc": rc}
+        perf = run_dir / "lightning_logs" / "version_0" / "perf.json"
+        if rc == 0 and perf.exists():
+            p = json.loads(perf.read_text())
+            row.update(tokens_per_s=p["tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
+                       records_per_step=p["samples"] / max(p["measured_steps"], 1), peak_gib=p["peak_memory_gib"],
+                       mfu=p["mfu"], hfu=p["hfu"], step_time=p["step_time"], pad_fraction=p["pad_fraction"],
+                       model_flops_per_token=(p["model_flops"] / p["tokens"]) if p["model_flops"] else None,
+                       peak_flops=p["peak_flops"], measured_steps=p["measured_steps"], tokens=p["tokens"],
+                       samples=p["samples"], profile=p.get("profile"))
+            prof = run_dir / "lightning_logs" / "version_0" / "profile.txt"
+            if prof.exists():
+                with open(self.out / "profiles.txt", "a") as f:
+                    f.write(f"===== {suite}/ours-{name}: {' '.join(flags)}\n{prof.read_text()}\n")
+        self.results["runs"].append(row)
+
+    def peer_real(self, data: Path, epoch_steps: int) -> None:
+        out = self.work / "peer_real.jsonl"
+        out.unlink(missing_ok=True)
+        rc, _ = self.sh("real/peer", [sys.executable, str(self.a.peer_dir / "peer_trainer.py"), str(self.a.ckpt),
+                                      str(self.a.tokenizer), str(data), "--batch", "16", "--accum", "1",
+                                      "--warmup", str(epoch_steps), "--steps", str(epoch_steps), "--out", str(out)],
+                        need_s=self.a.min_run_s)
+        row = {"suite": "real", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (group_by_length)",
+               "rc": rc}
+        if rc == 0 and out.exists():
+            p = json.loads(out.read_text().splitlines()[-1])
+            row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
+                       records_per_step=p["batch"] * p["accum"], peak_gib=p["peak_gib"],
+                       pad_fraction=p["pad_fraction"], samples_per_s=p["samples_per_s"])
+        self.results["runs"].append(row)
+
+    def peer_fixed(self) -> None:
+        out = self.work / "peer_fixed.jsonl"
+        out.unlink(missing_ok=True)
+        # peer_fixed_length.py builds/reuses its checkpoint at /tmp/ckpt-<shape>: --ckpt must be that folder
+        rc, _ = self.sh("fixed/peer", [sys.executable, str(self.a.peer_dir / "peer_fixed_length.py"), "llama2-7b",
+                                       "--grid", "nf4-dq:1", "--batch", "8", "--seqlen", "512", "--out", str(out)],
+                        need_s=self.a.min_run_s)
+        row = {"suite": "fixed", "run": "peer", "flags": "peer_fixed_length.py nf4-dq:1 (8 x 512)", "rc": rc}
+        if rc == 0 and out.exists():
+            p = json.loads(out.read_text().splitlines()[-1])
+            if "error" not in p:  # labels = input ids: 511 of every 512 tokens are predicted
+                row.update(tokens_per_s=p["tokens_per_s"], supervised_tokens_per_s=p["tokens_per_s"] * 511 / 512,
+                           records_per_step=p["batch"], peak_gib=p["peak_gib"], step_time=p["step_s"])
+            else:
+                row["rc"], row["error"] = 1, p["error"]
+        self.results["runs"].append(row)
+
+    # --------------------------------------------------------------------------------------- same training
+    def tokens_match(self, data: Path) -> None:
+        code = (
+            "import importlib.util, json, sys\n"
+            "from transformers import AutoTokenizer, LlamaTokenizerFast\n"
+            "from lightning_qpeft.data.collate import tokenize_records\n"
+            "from lightning_qpeft.data.templates import get_template\n"
+            "from lightning_qpeft.model.loading import load_tokenizer\n"
+            f"spec = importlib.util.spec_from_file_location('peer_trainer', {str(self.a.peer_dir / 'peer_trainer.py')!r})\n"
+            "peer = importlib.util.module_from_spec(spec); spec.loader.exec_module(peer)\n"
+            f"recs = json.load(open({str(data)!r}))\n"
+            f"tok = LlamaTokenizerFast.from_pretrained({str(self.a.tokenizer)!r}); tok.pad_token_id = 0\n"
+            "theirs = peer.build(recs, tok)\n"
+            f"ours_tok = load_tokenizer({str(self.a.ckpt)!r})\n"
+            "cols = {k: [r.get(k) or '' for r in recs] for k in ('instruction', 'input', 'output')}\n"
+            "ours = tokenize_records(cols, ours_tok, get_template('alpaca'), 384, 128, False)\n"
+            "same = sum(t['input_ids'] == i and t['labels'] == l for t, i, l in zip(theirs, ours['input_ids'], ours['labels']))\n"
+            "print('TOKENS', json.dumps({'records': len(recs), 'identical': same, 'pad_id': ours_tok.pad_token_id,"
+            " 'pass': same == len(recs) and ours_tok.pad_token_id == 0}))\n")
+        rc, text = self.sh("check/tokens", [sys.executable, "-c", code], need_s=20)
+        for line in text.splitlines():
+            if line.startswith("TOKENS "):
+                self.results["checks"]["tokens_match"] = json.loads(line[7:])
+
+    def same_training(self, suite: str, data_args: list[str], data_kwargs: dict, flags: list[str]) -> None:
+        ref = self.work / f"check-{suite}-reference"
+        shutil.rmtree(ref, ignore_errors=True)
+        k = str(self.a.check_steps)
+        rc, _ = self.sh(f"check/{suite}/peer-reference",
+                        [sys.executable, "benchmarks/peer_reference.py", "run", "--ckpt", str(self.a.ckpt),
+                         "--out", str(ref), "--steps", k, "--data-json", json.dumps(data_kwargs)],
+                        need_s=self.a.min_run_s)
+        if rc != 0:
+            self.results["checks"][suite] = {"pass": False, "error": "reference run failed"}
+            return
+        run_dir = self.work / f"check-{suite}-ours"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG),
+               "--model.base_model", str(self.a.ckpt), "--trainer.default_root_dir", str(run_dir), *QUIET,
+               *data_args, *flags, "--model.adapter", "null", "--model.adapter_path", str(ref / "init"),
+               "--model.upcast_embeddings", "true", "--trainer.max_steps", k, "--trainer.max_epochs", "-1",
+               "--trainer.log_every_n_steps", "1", "--adapter_export.dirpath", str(run_dir / "adapter"),
+               "--efficiency.enabled", "false"]
+        rc, _ = self.sh(f"check/{suite}/ours", cmd, need_s=self.a.min_run_s)
+        if rc != 0:
+            self.results["checks"][suite] = {"pass": False, "error": "our run failed"}
+            return
+        rc, text = self.sh(f"check/{suite}/compare",
+                           [sys.executable, "benchmarks/peer_reference.py", "compare", "--ref", str(ref),
+                            "--ours-logdir", str(run_dir / "lightning_logs" / "version_0"),
+                            "--ours-adapter", str(run_dir / "adapter")], need_s=5)
+        lines = [x for x in text.splitlines() if x.startswith("{")]
+        self.results["checks"][suite] = json.loads(lines[-1]) if rc == 0 and lines else {"pass": False}
+        self.results["checks"][suite]["flags"] = " ".join(flags)
+
+    # --------------------------------------------------------------------------------------- report
+    def table(self) -> str:
+        runs = self.results["runs"]
+        peers = {r["suite"]: r for r in runs if r["run"] == "peer" and r.get("tokens_per_s")}
+        for r in runs:  # the peer's MFU from our FLOP count: same records, so the same FLOPs per token
+            if r["run"] == "peer" and r.get("tokens_per_s"):
+                ours = [o for o in runs if o["suite"] == r["suite"] and o.get("model_flops_per_token")]
+                if ours and ours[0].get("peak_flops"):
+                    r["mfu"] = r["tokens_per_s"] * ours[0]["model_flops_per_token"] / ours[0]["peak_flops"]
+
+        def f(v, spec):
+            return "-" if v is None else format(v, spec)
+
+        head = ("| suite | run | tokens/s | supervised tokens/s | records/step | peak GiB | MFU | tokens/s vs peer "
+                "| peak vs peer |\n|---|---|---|---|---|---|---|---|---|")
+        rows = []
+        for r in runs:
+            p = peers.get(r["suite"])
+            ratio = r["tokens_per_s"] / p["tokens_per_s"] if p and r.get("tokens_per_s") else None
+            mem = r["peak_gib"] / p["peak_gib"] if p and r.get("peak_gib") else None
+            name = r["run"] if r.get("rc") == 0 else f"{r['run']} ({'skipped' if r.get('rc') == -1 else 'failed'})"
+            rows.append(f"| {r['suite']} | {name} | {f(r.get('tokens_per_s'), ',.0f')} | "
+                        f"{f(r.get('supervised_tokens_per_s'), ',.0f')} | {f(r.get('records_per_step'), '.1f')} | "
+                        f"{f(r.get('peak_gib'), '.2f')} | {f(r.get('mfu'), '.3f')} | {f(ratio, '.2f')}x | "
+                        f"{f(mem, '.2f')}x |")
+        return head + "\n" + "\n".join(rows)
+
+    def finish(self) -> None:
+        checks = self.results["checks"]
+        for name, c in checks.items():
+            self.say(f"check {name}: {'PASS' if c.get('pass') else 'FAIL'} {json.dumps(c)}")
+        for r in self.results["runs"]:
+            if r.get("flags"):
+                self.say(f"{r['suite']}/{r['run']}: {r['flags']}")
+            if r.get("profile"):
+                p = r["profile"]
+                cats = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in list(p["categories_s_per_step"].items())[:5])
+                self.say(f"{r['suite']}/{r['run']} profile: {p['wall_s_per_step'] * 1e3:.0f} ms/step, GPU idle "
+                         f"{100 * (p['gpu_idle_fraction'] or 0):.0f} %; ms/step: {cats}")
+        table = self.table()
+        v = self.results.get("versions", {})
+        head = (f"device {v.get('device', '?')}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
+                f"peft {v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}, lightning {v.get('lightning')}, "
+                f"liger-kernel {v.get('liger_kernel')}; {time.strftime('%Y-%m-%d')}; {time.time() - self.t0:.0f} s")
+        verdict = "; ".join(f"{k}: {'PASS' if c.get('pass') else 'FAIL'}" for k, c in checks.items()) or "not run"
+        text = f"{head}\nsame training: {verdict}\n\n{table}\n"
+        self.results["table"] = text
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+        (self.out / "table.md").write_text(text)
+        self.log.close()
+        print("\n" + text, flush=True)
+
+
+def variants(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    out = []
+    for name in [v for v in a.variants.split(",") if v]:
+        if name not in PRESETS:
+            sys.exit(f"--variants: unknown preset {name!r}; choose from {', '.join(PRESETS)} or use --variant")
+        out.append((name, PRESETS[name]))
+    for spec in a.variant:
+        name, _, flags = spec.partition("=")
+        out.append((name, shlex.split(flags)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for results.json, table.md, runs.log ($OUT)")
+    ap.add_argument("--bench-data", type=Path, default=ROOT / "bench_data",
+                    help="the peer scripts, alpaca_5000.json and llama2/tokenizer.model (git-ignored)")
+    ap.add_argument("--peer-dir", type=Path, help="default: --bench-data")
+    ap.add_argument("--alpaca", type=Path, help="default: <bench-data>/alpaca_5000.json")
+    ap.add_argument("--tokenizer", type=Path, help="default: <bench-data>/llama2")
+    ap.add_argument("--ckpt", type=Path, default=Path("/tmp/ckpt-llama2-7b"),
+                    help="the random-weight checkpoint (peer_fixed_length.py uses /tmp/ckpt-llama2-7b)")
+    ap.add_argument("--work", default="/tmp/qpeft_bench", help="run folders")
+    ap.add_argument("--suites", default="real,fixed")
+    ap.add_argument("--variants", default="plain,fused", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    ap.add_argument("--variant", action="append", default=[], help="NAME='extra CLI flags' (repeatable)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the peer runs (ratios then missing)")
+    ap.add_argument("--check", default="real", help="same-training check on: real, fixed, both or none")
+    ap.add_argument("--check-steps", type=int, default=3)
+    ap.add_argument("--records", type=int, default=256, help="Alpaca records in the real suite's sample")
+    ap.add_argument("--fixed-steps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each of our runs")
+    ap.add_argument("--budget-s", type=float, default=540, help="skip runs that would end after this")
+    ap.add_argument("--min-run-s", type=float, default=50, help="budget a run needs to be started")
+    a = ap.parse_args()
+    a.peer_dir = a.peer_dir or a.bench_data
+    a.alpaca = a.alpaca or a.bench_data / "alpaca_5000.json"
+    a.tokenizer = a.tokenizer or a.bench_data / "llama2"
+    chosen = variants(a)
+    if a.profile and a.records // 16 < a.profile + 2:
+        sys.exit(f"--profile {a.profile}: needs --records >= {16 * (a.profile + 2)} (profiled steps end epoch 1)")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    b = Bench(a)
+    if not b.environment() or not b.checkpoint():
+        b.finish()
+        sys.exit(1)
+    suites = [s for s in a.suites.split(",") if s]
+    checks = {"both": ["real", "fixed"], "none": []}.get(a.check, [a.check])
+    first_flags = chosen[0][1] if chosen else []
+    if "real" in suites or "real" in checks:
+        data = b.sample()
+        epoch = len(json.loads(data.read_text())) // 16
+        real_args = ["--data.path", str(data), "--data.val_path", str(data)]
+        if "real" in checks:
+            b.tokens_match(data)
+        if "real" in suites:
+            if not a.no_peer:
+                b.peer_real(data, epoch)
+            # two epochs, the second measured whole (profiled steps, if any, end the first)
+            warm = (["--efficiency.warmup_steps", str(epoch - a.profile), "--efficiency.profile_steps", str(a.profile)]
+                    if a.profile else ["--efficiency.warmup_steps", "0", "--efficiency.warmup_epochs", "1"])
+            for name, flags in chosen:
+                b.ours("real", name, flags, real_args, ["--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
+                                                        "--efficiency.window", str(epoch), *warm])
+        if "real" in checks:
+            kwargs = dict(tokenizer=str(a.ckpt), task="file", path=str(data), val_path=str(data), template="alpaca",
+                          source_max_len=384, target_max_len=128, batch_size=16)
+            b.same_training("real", real_args, kwargs, first_flags)
+    fixed_args = ["--data.task", "random-tokens", "--data.path", "null", "--data.train_on_source", "true",
+                  "--data.source_max_len", "384", "--data.target_max_len", "128", "--data.batch_size", "8"]
+    if "fixed" in suites:
+        if not a.no_peer:
+            b.peer_fixed()
+        for name, flags in chosen:
+            b.ours("fixed", name, flags, fixed_args,
+                   ["--trainer.max_steps", str(3 + a.profile + a.fixed_steps), "--efficiency.warmup_steps", "3",
+                    "--efficiency.profile_steps", str(a.profile), "--efficiency.window", str(a.fixed_steps)])
+    if "fixed" in checks:
+        kwargs = dict(tokenizer=str(a.ckpt), task="random-tokens", train_on_source=True, source_max_len=384,
+                      target_max_len=128, batch_size=8)
+        b.same_training("fixed", fixed_args, kwargs, first_flags)
+    b.finish()
+
+
+if __name__ == "__main__":
+    main()
