@@ -15,7 +15,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_qpeft.callbacks import AdapterExport, JsonlPredictionWriter
 from lightning_qpeft.data.datamodule import NLGDataModule
+from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.model.module import QPeftModule
+
+register_strategies()  # --trainer.strategy fsdp -> QPeftFSDPStrategy (see distributed.py)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "precision": "bf16-mixed",
