@@ -4,7 +4,8 @@
 
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
 gets: `adapter_export` (peft export at the end of fit) and `prediction_writer` (JSONL output of predict).
-`model.base_model` is linked to `data.tokenizer`: the data is always tokenized with the base model's tokenizer.
+`data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
+with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ class QPeftCLI(LightningCLI):
         return
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.base_model", "data.tokenizer")
+        parser.link_arguments(("model.base_model", "model.tokenizer"), "data.tokenizer", compute_fn=_tokenizer_of)
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
+
+
+def _tokenizer_of(base_model: str, tokenizer: Any) -> str:
+    """The data is tokenized with model.tokenizer when set, else with the base model's tokenizer."""
+    return tokenizer or base_model
 
 
 def main(args: Any = None) -> None:

@@ -78,7 +78,9 @@ class QPeftModule(LightningModule):
     """A (quantized) causal LM with a PEFT adapter.
 
     Args:
-        base_model: hub id or local model folder (`checkpoints/tiny-llama` is built on first use).
+        base_model: hub id or local model folder (`checkpoints/tiny-llama` is built on first use), or
+            random:<shape> (random weights of a real shape, for benchmarks).
+        tokenizer: tokenizer folder or hub id; default the base model's (the data module gets the same).
         quantization: none, nf4, nf4-dq, fp4, fp4-dq or int8.
         compute_dtype: dtype of 4-bit matmuls: bfloat16, float16 or float32.
         dtype: dtype of the unquantized weights (auto: the checkpoint's for `none`, `compute_dtype` otherwise).
@@ -98,6 +100,7 @@ class QPeftModule(LightningModule):
     def __init__(
         self,
         base_model: str = "checkpoints/tiny-llama",
+        tokenizer: Optional[str] = None,
         quantization: str = "nf4-dq",
         compute_dtype: str = "bfloat16",
         dtype: str = "auto",
@@ -119,6 +122,7 @@ class QPeftModule(LightningModule):
         if dtype != "auto":
             resolve_dtype(dtype, "model.dtype")
         self.base_model = base_model
+        self.tokenizer_name = tokenizer or base_model
         self.quantization = quantization
         self.compute_dtype = compute_dtype
         self.dtype_name = dtype
