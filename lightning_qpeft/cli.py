@@ -5,7 +5,8 @@
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
 gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, peak memory, MFU; a summary in
 `<log_dir>/perf.json`) and `prediction_writer` (JSONL output of predict).
-`model.base_model` is linked to `data.tokenizer`: the data is always tokenized with the base model's tokenizer.
+`data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
+with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_qpeft.callbacks import AdapterExport, EfficiencyMonitor, JsonlPredictionWriter
 from lightning_qpeft.data.datamodule import NLGDataModule
+from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.model.module import QPeftModule
+
+register_strategies()  # --trainer.strategy fsdp -> QPeftFSDPStrategy (see distributed.py)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "precision": "bf16-mixed",
@@ -46,11 +50,16 @@ class QPeftCLI(LightningCLI):
         return
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.base_model", "data.tokenizer")
+        parser.link_arguments(("model.base_model", "model.tokenizer"), "data.tokenizer", compute_fn=_tokenizer_of)
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
         parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
+
+
+def _tokenizer_of(base_model: str, tokenizer: Any) -> str:
+    """The data is tokenized with model.tokenizer when set, else with the base model's tokenizer."""
+    return tokenizer or base_model
 
 
 def main(args: Any = None) -> None:

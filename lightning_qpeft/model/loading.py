@@ -2,7 +2,9 @@
 
 Config keys (on `QPeftModule`; the data module gets the tokenizer's from the same `model.base_model`):
     model.base_model:        hub id (`meta-llama/Llama-2-7b-hf`) or a local folder; a missing local folder whose
-                             name is a built-in model (`checkpoints/tiny-llama`) is created on first use
+                             name is a built-in model (`checkpoints/tiny-llama`) is created on first use;
+                             `random:<shape>` (e.g. random:llama-2-70b) builds random weights in memory
+    model.tokenizer:         tokenizer folder or hub id when it is not the base model's (random: models)
     model.quantization:      see `quantization.py`
     model.dtype:             dtype of the weights that are not quantized (`auto` keeps the checkpoint's)
     model.attn_implementation: `sdpa` (default), `eager`, `flash_attention_2`, ...
@@ -11,7 +13,6 @@ Config keys (on `QPeftModule`; the data module gets the tokenizer's from the sam
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -20,11 +21,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, resolve_dtype
+from lightning_qpeft.model.random_init import build_random_model, is_random
 from lightning_qpeft.model.tiny import BUILTIN_MODELS
 
 
 def resolve_base_model(name_or_path: str) -> str:
     """The path or hub id to load; builds a built-in model folder on first use."""
+    if is_random(name_or_path):
+        return name_or_path
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
@@ -35,7 +39,7 @@ def resolve_base_model(name_or_path: str) -> str:
         return str(path)
     if path.name in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[path.name](path))
-    if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path:
+    if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.base_model: no folder at {name_or_path!r}")
     return name_or_path  # a hub id: transformers resolves (and, with the hub, downloads) it
 
@@ -47,6 +51,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     UNK): padded positions are excluded by the attention mask and masked from the labels by length, never
     by comparing ids, so the choice cannot leak into the loss.
     """
+    if is_random(name_or_path):
+        raise ValueError(f"model.tokenizer: {name_or_path} has random weights and no tokenizer; set model.tokenizer "
+                         "to a tokenizer folder or hub id")
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name_or_path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
@@ -83,12 +90,18 @@ def load_base_model(
     """
     path = resolve_base_model(name_or_path)
     mode = get_quant_mode(quantization)
-    check_causal_lm(path, trust_remote_code)
     torch_dtype = "auto" if dtype == "auto" else resolve_dtype(dtype, "model.dtype")
     if mode.is_quantized and torch_dtype == "auto":
         # the non-quantized weights (embeddings, norms, lm_head) compute in the 4-bit compute dtype
         torch_dtype = resolve_dtype(compute_dtype, "model.compute_dtype")
     device = torch.device(device if device is not None else "cpu")
+    if is_random(path):
+        dt = torch.bfloat16 if torch_dtype == "auto" else torch_dtype
+        model = build_random_model(path, bnb_config(mode, compute_dtype, quant_storage), dt, device,
+                                   attn_implementation)
+        model.config.use_cache = False
+        return model
+    check_causal_lm(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=bnb_config(mode, compute_dtype, quant_storage),

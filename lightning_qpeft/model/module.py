@@ -30,6 +30,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
+from lightning_qpeft.distributed import fsdp_param_dtype
 from lightning_qpeft.model.adapters import (
     AdapterConfig,
     adapter_to_dict,
@@ -53,6 +54,11 @@ from lightning_qpeft.model.schedules import needs_total_steps
 # batch keys that go to the model's forward; the rest (metadata for generation) stays out
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 IGNORE_INDEX = -100
+
+
+def _clean_name(name: str) -> str:
+    # FSDP (use_orig_params) and activation checkpointing insert wrapper modules into parameter names
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 @dataclass
@@ -84,11 +90,14 @@ class QPeftModule(LightningModule):
     """A (quantized) causal LM with a PEFT adapter.
 
     Args:
-        base_model: hub id or local model folder (`checkpoints/tiny-llama` is built on first use).
+        base_model: hub id or local model folder (`checkpoints/tiny-llama` is built on first use), or
+            random:<shape> (random weights of a real shape, for benchmarks).
+        tokenizer: tokenizer folder or hub id; default the base model's (the data module gets the same).
         quantization: none, nf4, nf4-dq, fp4, fp4-dq or int8.
         compute_dtype: dtype of 4-bit matmuls: bfloat16, float16 or float32.
         dtype: dtype of the unquantized weights (auto: the checkpoint's for `none`, `compute_dtype` otherwise).
-        quant_storage: storage dtype of packed 4-bit weights: uint8, or the compute dtype for FSDP.
+        quant_storage: storage dtype of packed 4-bit weights: auto (uint8; under FSDP the precision's float dtype,
+            which FSDP needs to shard them), uint8, bfloat16, float16.
         adapter: a peft config (e.g. configs/adapter/qlora.yaml) or FullFineTuning; None: the bare base model.
         adapter_path: folder of a trained adapter to load instead of a new one (evaluate, predict, train on).
         gradient_checkpointing: recompute activations in backward.
@@ -109,10 +118,11 @@ class QPeftModule(LightningModule):
     def __init__(
         self,
         base_model: str = "checkpoints/tiny-llama",
+        tokenizer: Optional[str] = None,
         quantization: str = "nf4-dq",
         compute_dtype: str = "bfloat16",
         dtype: str = "auto",
-        quant_storage: str = "uint8",
+        quant_storage: str = "auto",
         adapter: Optional[AdapterConfig] = None,
         adapter_path: Optional[str] = None,
         gradient_checkpointing: bool = False,
@@ -135,6 +145,7 @@ class QPeftModule(LightningModule):
         if dtype != "auto":
             resolve_dtype(dtype, "model.dtype")
         self.base_model = base_model
+        self.tokenizer_name = tokenizer or base_model
         self.quantization = quantization
         self.compute_dtype = compute_dtype
         self.dtype_name = dtype
@@ -182,23 +193,52 @@ class QPeftModule(LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        quant_storage, upcast_norms = self._storage_for_strategy()
         base = load_base_model(
             self.base_model,
             quantization=self.quantization,
             compute_dtype=self.compute_dtype,
             dtype=self.dtype_name,
-            quant_storage=self.quant_storage,
+            quant_storage=quant_storage,
             device=device,
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
         )
-        base = prepare_base(base, self.gradient_checkpointing, self.upcast_norms, self.upcast_embeddings)
+        base = prepare_base(base, self.gradient_checkpointing, upcast_norms, self.upcast_embeddings)
         self.model = attach_adapter(base, self.adapter, self.adapter_path)
         self.loss_impl = resolve_loss(self.loss, device)
         if self.loss_impl != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
         if self.use_compile:
             compile_layers(self.model, self.compile_options)
+
+    def _storage_for_strategy(self) -> tuple[str, bool]:
+        """(quant_storage, upcast_norms) for this run's strategy; refuses what FSDP cannot shard correctly."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, FSDPStrategy):
+            return ("uint8" if self.quant_storage == "auto" else self.quant_storage), self.upcast_norms
+        mode = get_quant_mode(self.quantization)
+        if mode.bits == 8:
+            raise ValueError(
+                "model.quantization=int8 cannot run with trainer.strategy=fsdp: FSDP shards float tensors only and "
+                "int8 weights are integers; use nf4/nf4-dq/fp4 (4-bit storage is made float) or trainer.strategy=ddp"
+            )
+        param_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
+            fsdp_param_dtype(str(self.trainer.precision))
+        )
+        if mode.is_4bit and param_dtype is None:
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision} cannot run a 4-bit base with trainer.strategy=fsdp: FSDP "
+                "would cast the packed 4-bit weights to float32 and corrupt them; use bf16-mixed"
+            )
+        if mode.is_4bit and self.quant_storage not in ("auto", param_dtype):
+            raise ValueError(
+                f"model.quant_storage={self.quant_storage} cannot run with trainer.strategy=fsdp at "
+                f"trainer.precision={self.trainer.precision}: it must be {param_dtype} (or auto)"
+            )
+        # one dtype per FSDP flat parameter: norms stay in the weights' dtype
+        return (param_dtype if mode.is_4bit else "uint8"), False
 
     @property
     def method(self) -> str:
@@ -215,9 +255,13 @@ class QPeftModule(LightningModule):
             trainable += n if p.requires_grad else 0
         return trainable, total
 
+    def trainable_names(self) -> list[str]:
+        """State-dict keys of the trainable parameters (the checkpoint's content), without wrapper prefixes."""
+        return sorted(_clean_name(n) for n, p in self.named_parameters() if p.requires_grad)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The module's state restricted to trainable parameters (the checkpoint's content)."""
-        names = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        """The module's state restricted to trainable parameters (single process)."""
+        names = set(self.trainable_names())
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     # ----------------------------------------------------------------------------------- steps
@@ -263,8 +307,10 @@ class QPeftModule(LightningModule):
             return
         loss = metric.compute()
         metric.reset()
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=False)  # MeanMetric already reduced it
-        self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=50)), sync_dist=False)
+        # MeanMetric.compute() already reduced across ranks: every rank holds the same value, and
+        # sync_dist=True (a mean of equal values) only keeps Lightning from warning about it
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=50)), sync_dist=True)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides: Any) -> torch.Tensor:
@@ -316,13 +362,13 @@ class QPeftModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable tensors, and record what they belong to (checked when loading)."""
-        state = self.trainable_state_dict()
-        checkpoint["state_dict"] = state
+        names = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         checkpoint["qpeft"] = {
             "base_model": self.base_model,
             "quantization": self.quantization,
             "adapter": adapter_to_dict(self.adapter),
-            "tensors": sorted(state),
+            "tensors": sorted(names),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -330,7 +376,7 @@ class QPeftModule(LightningModule):
         meta = checkpoint.get("qpeft")
         if meta is None:
             raise ValueError("ckpt_path: not a lightning_qpeft checkpoint (no 'qpeft' entry)")
-        expected = sorted(self.trainable_state_dict())
+        expected = self.trainable_names()
         mine = {"base_model": self.base_model, "quantization": self.quantization, "tensors": expected}
         mine_adapter = adapter_to_dict(self.adapter)
         diffs = [f"{k}: checkpoint {meta[k]!r} vs config {mine[k]!r}" for k in ("base_model", "quantization")

@@ -1,0 +1,64 @@
+"""DDP on the CPU (gloo): two processes train the tiny 4-bit model through the real CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_cli import scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ddp_two_cpu_processes_train_identical_adapters(tiny_model_dir, tmp_path):
+    dump = tmp_path / "dump"
+    cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--model.base_model", tiny_model_dir, "--model.gradient_checkpointing", "true",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.max_steps", "24", "--trainer.val_check_interval", "12", "--trainer.enable_progress_bar", "false",
+           "--trainer.default_root_dir", str(tmp_path), "--data.max_train_records", "400", "--data.batch_size", "8",
+           "--trainer.callbacks+=tests.distributed_helpers.DumpTrainableTensors",
+           f"--trainer.callbacks.dirpath={dump}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
+    for name in ranks[0]:
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)
+    assert any(v.abs().sum() > 0 for n, v in ranks[0].items() if "lora_B" in n)  # it trained
+    val = [v for _, v in scalars(tmp_path / "lightning_logs" / "version_0")["val/loss"]]
+    assert len(val) == 2 and val[1] < val[0]
+    assert (tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_int8_under_fsdp_is_refused(tiny_model_dir):
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_qpeft.model.module import QPeftModule
+
+    module = QPeftModule(tiny_model_dir, quantization="int8")
+    trainer = MagicMock()
+    trainer.strategy = MagicMock(spec=FSDPStrategy)
+    trainer.precision = "bf16-mixed"
+    module._trainer = trainer
+    with pytest.raises(ValueError, match="model.quantization=int8 cannot run with trainer.strategy=fsdp"):
+        module._storage_for_strategy()
+    module.quantization = "nf4-dq"
+    assert module._storage_for_strategy() == ("bfloat16", False)
+    trainer.precision = "32-true"
+    with pytest.raises(ValueError, match="trainer.precision=32-true cannot run a 4-bit base with trainer.strategy=fsdp"):
+        module._storage_for_strategy()
+
+
+def test_fsdp_name_is_the_adapter_aware_strategy():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_qpeft.cli  # noqa: F401  (registers the strategy)
+    from lightning_qpeft.distributed import QPeftFSDPStrategy
+
+    assert StrategyRegistry["fsdp"]["strategy"] is QPeftFSDPStrategy
