@@ -65,6 +65,8 @@ def test_builtin_task_is_deterministic(tiny_model_dir):
     a, b = NLGDataModule(tiny_model_dir), NLGDataModule(tiny_model_dir)
     a.setup("fit"); b.setup("fit")
     assert a.records["train"][:5] == b.records["train"][:5]
+    assert "test" not in a.records  # fit reads train and validation only
+    a.setup("test")
     assert len(a.records["test"]) == 200
 
 
