@@ -3,7 +3,8 @@
     python -m lightning_qpeft {fit,validate,test,predict} --config FILE [--key value ...]
 
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
-gets: `adapter_export` (peft export at the end of fit) and `prediction_writer` (JSONL output of predict).
+gets: `adapter_export` (peft export at the end of fit), `prediction_writer` (JSONL output of predict) and
+`generation_metrics` (ROUGE/BLEU of generated text at test/validate, evaluation/generation.py).
 `model.base_model` is linked to `data.tokenizer`: the data is always tokenized with the base model's tokenizer.
 """
 
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_qpeft.callbacks import AdapterExport, JsonlPredictionWriter
 from lightning_qpeft.data.datamodule import NLGDataModule
+from lightning_qpeft.evaluation.generation import GenerationMetrics
 from lightning_qpeft.model.module import QPeftModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -49,6 +51,7 @@ class QPeftCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(GenerationMetrics, "generation_metrics")
 
 
 def main(args: Any = None) -> None:

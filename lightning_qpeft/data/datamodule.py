@@ -36,6 +36,11 @@ from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
 from lightning_qpeft.model.loading import load_tokenizer, resolve_base_model
 
+def column(ds: datasets.Dataset, name: str) -> np.ndarray:
+    """One column as a numpy array, read in one Arrow slice (iterating a `Column` formats row by row)."""
+    return np.asarray(ds.select_columns([name]).with_format("numpy")[:][name])
+
+
 STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
 
 
@@ -189,6 +194,7 @@ class NLGDataModule(LightningDataModule):
                 raise DataError(f"data.path: {len(train)} record(s) cannot be split into train and validation")
             parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
             train, validation = parts["train"], parts["test"]
+            self.source.origins["validation"] = self.source.origins.get("train", "train")
         self.records.update(train=train, validation=validation)
 
     def _resolve_template(self) -> None:
@@ -210,10 +216,10 @@ class NLGDataModule(LightningDataModule):
             desc=f"tokenize {split}",
         )
         # a record the loss cannot see would only add a NaN-prone all-masked row: drop it, say which
-        empty = np.flatnonzero(np.asarray(tokenized.with_format("numpy")["n_supervised"]) == 0)
+        empty = np.flatnonzero(column(tokenized, "n_supervised") == 0)
         self.dropped[split] = len(empty)
         if len(empty):
-            rows = np.asarray(tokenized.with_format("numpy")["row"])[empty[:3]].tolist()
+            rows = column(tokenized, "row")[empty[:3]].tolist()
             origin = self.source.origins.get(split, split)
             rank_zero_warn(f"{split}: dropped {len(empty)} record(s) with no target token left to train on "
                            f"(e.g. {origin} rows {rows}); check data.source_max_len / data.target_max_len")
@@ -230,8 +236,10 @@ class NLGDataModule(LightningDataModule):
             seen: set = set()
 
             def first(ins: list, inp: list) -> list[bool]:
-                keep = [(a, b) not in seen for a, b in zip(ins, inp)]
-                seen.update(zip(ins, inp))
+                keep = []
+                for key in zip(ins, inp):
+                    keep.append(key not in seen)
+                    seen.add(key)
                 return keep
 
             ds = ds.filter(first, input_columns=["instruction", "input"], batched=True, load_from_cache_file=False)
@@ -252,7 +260,7 @@ class NLGDataModule(LightningDataModule):
         if not (self.group_by_length or self.max_tokens):
             return None
         world, rank = self._world()
-        lengths = np.asarray(self.tokenized["train"].with_format("numpy")["length"])
+        lengths = column(self.tokenized["train"], "length")
         return RecordBatchSampler(
             None, self.batch_size, lengths=lengths, max_tokens=self.max_tokens, packed=self.packing,
             group_by_length=self.group_by_length, seed=self.seed, num_replicas=world, rank=rank,
@@ -299,8 +307,8 @@ class NLGDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------ statistics
     def statistics(self, sampler: Optional[RecordBatchSampler] = None) -> dict[str, float]:
         """Records, tokens, supervised tokens, truncation and the padding of the first epoch's batches."""
-        ds = self.tokenized["train"].with_format("numpy")
-        lengths = np.asarray(ds["length"])
+        ds = self.tokenized["train"]
+        lengths = column(ds, "length")
         if sampler is not None:
             batches = sampler.global_plan(0)
         else:  # the plain loader's first epoch: torchdata's RandomSampler draws randperm from the seeded generator
@@ -311,9 +319,9 @@ class NLGDataModule(LightningDataModule):
         return {
             "data/records": len(lengths),
             "data/tokens": tokens,
-            "data/supervised_tokens": int(np.asarray(ds["n_supervised"]).sum()),
+            "data/supervised_tokens": int(column(ds, "n_supervised").sum()),
             "data/mean_tokens": tokens / max(len(lengths), 1),
-            "data/records_truncated": int(np.asarray(ds["truncated"]).sum()),
+            "data/records_truncated": int(column(ds, "truncated").sum()),
             "data/records_dropped": self.dropped.get("train", 0),
             "data/padding_fraction": 0.0 if self.packing else 1 - tokens / max(slots, 1),
             "data/batches_per_epoch": len(batches),

@@ -61,6 +61,8 @@ def read_file(path: str | Path, key: str = "data.path") -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parse errors without a line number: find it ourselves
+        if "corresponds to no data" in str(e):  # a header, '[]' or blank lines only
+            raise DataError(f"{key}: {path} holds no records") from e
         raise DataError(f"{key}: cannot parse {_error_location(path, e)}") from e
     if len(ds) == 0:
         raise DataError(f"{key}: {path} holds no records")
