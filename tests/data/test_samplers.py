@@ -94,3 +94,36 @@ def test_lightning_ddp_injection_keeps_the_sampler_and_its_rank():
     assert sampler.plan(0) == ours.plan(0)
     with pytest.raises(ValueError, match="disagrees"):
         RecordBatchSampler(prepared.batch_sampler.sampler, 8, lengths=LENGTHS[:100], num_replicas=2, rank=1)
+
+
+def test_lightning_resume_continues_with_the_same_length_grouped_packed_batches(tiny_model_dir, alpaca_file, tmp_path):
+    import peft
+    from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_qpeft.data.datamodule import NLGDataModule
+    from lightning_qpeft.model.module import QPeftModule
+    from tests.conftest import cpu_trainer
+
+    class Seen(Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append(batch["input_ids"].tolist())
+
+    def run(max_steps, ckpt_path=None):
+        module = QPeftModule(tiny_model_dir, quantization="none", compute_dtype="float32", dtype="float32",
+                             adapter=peft.LoraConfig(r=4, target_modules="all-linear"))
+        data = NLGDataModule(tiny_model_dir, task="file", path=alpaca_file, val_size=2, batch_size=3,
+                             group_by_length=True, packing=True)
+        seen = Seen()
+        ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+        cpu_trainer(max_steps=max_steps, limit_val_batches=0, enable_checkpointing=True,
+                    callbacks=[seen, ckpt]).fit(module, data, ckpt_path=ckpt_path)
+        return seen.batches
+
+    unbroken = run(7)  # 5 batches an epoch: the run crosses into the second epoch
+    resumed = run(7, ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"))
+    assert resumed == unbroken[2:]
+    assert len(unbroken) == 7 and unbroken[5:7] != unbroken[0:2]  # the second epoch has its own order

@@ -68,3 +68,25 @@ def test_test_run_logs_rouge_that_rises_after_training(tiny_model_dir, tmp_path)
     assert all(len(r["references"]) == 2 and r["prompt"].endswith("### Response: ") for r in rows)
     rescored = score_generations([r["prediction"] for r in rows], [r["references"] for r in rows])
     assert rescored == pytest.approx({k: after[f"test/{k}"] for k in rescored}, abs=1e-3)
+
+
+def test_cli_test_and_validate_log_generation_metrics(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_qpeft.cli import QPeftCLI
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    common = ["--config", str(config), "--model.base_model", tiny_model_dir, "--trainer.default_root_dir",
+              str(tmp_path), "--trainer.enable_progress_bar", "false", "--model.generation.max_new_tokens", "6",
+              "--generation_metrics.max_records", "4", "--data.eval_batch_size", "4"]
+    QPeftCLI(args=["test", *common, "--trainer.limit_test_batches", "1"])
+    QPeftCLI(args=["validate", *common, "--trainer.limit_val_batches", "1", "--data.max_train_records", "100"])
+    for version, stage in (("version_0", "test"), ("version_1", "val")):
+        folder = tmp_path / "lightning_logs" / version
+        ea = EventAccumulator(str(folder))
+        ea.Reload()
+        assert {f"{stage}/{k}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss")} <= set(ea.Tags()["scalars"])
+        rows = (folder / f"{stage}_generations.jsonl").read_text().splitlines()
+        assert len(rows) == 4
