@@ -201,3 +201,19 @@ def test_shared_e2e_dev_groups_to_547_meaning_representations(tiny_model_dir):
     lora = NLGDataModule(tiny_model_dir, task="e2e-lora", test_path=str(e2e / "lora_format" / "valid.txt"))
     lora.setup("test")
     assert len(lora.prompts("test")) == 547
+
+
+def test_template_override_and_chat_template_with_a_single_bos(tiny_model_dir, alpaca_file):
+    from lightning_qpeft.model.loading import load_tokenizer
+
+    dm = NLGDataModule(tiny_model_dir, task="alpaca", path=alpaca_file, val_size=2, template="chat")
+    dm.tokenizer = load_tokenizer(tiny_model_dir)
+    dm.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
+                                  "{% if add_generation_prompt %}Assistant: {% endif %}")
+    dm.setup("fit")
+    record, row = dm.records["train"][0], dm.tokenized["train"][0]
+    user = "\n\n".join(x for x in (record["instruction"], record["input"]) if x)
+    expected = f"<s>User: {user}\nAssistant: {record['output']}</s>"
+    assert dm.tokenizer.decode(row["input_ids"]) == expected  # the template's BOS, not a second one
+    prompt_len = len(dm.tokenizer(f"<s>User: {user}\nAssistant: ", add_special_tokens=False)["input_ids"])
+    assert row["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len and IGNORE_INDEX not in row["labels"][prompt_len:]
