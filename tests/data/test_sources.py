@@ -217,3 +217,26 @@ def test_template_override_and_chat_template_with_a_single_bos(tiny_model_dir, a
     assert dm.tokenizer.decode(row["input_ids"]) == expected  # the template's BOS, not a second one
     prompt_len = len(dm.tokenizer(f"<s>User: {user}\nAssistant: ", add_special_tokens=False)["input_ids"])
     assert row["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len and IGNORE_INDEX not in row["labels"][prompt_len:]
+
+
+def test_hub_datasets_with_a_loading_script_fall_back_to_the_parquet_export(tiny_model_dir, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, kwargs))
+        if "revision" not in kwargs:
+            raise RuntimeError("Dataset scripts are no longer supported, but found samsum.py")
+        rows = {"id": ["1", "2", "3"], "dialogue": ["A: hi\r\nB: yo", "A: x", "B: y"], "summary": ["s1", "s2", "s3"]}
+        return datasets.DatasetDict(train=datasets.Dataset.from_dict(rows),
+                                    test=datasets.Dataset.from_dict(rows))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dm = NLGDataModule(tiny_model_dir, task="samsum", val_size=1)
+    dm.setup("fit")
+    assert [c[0] for c in calls] == ["Samsung/samsum", "Samsung/samsum"]
+    assert calls[1][1] == {"revision": "refs/convert/parquet"}
+    assert len(dm.records["train"]) == 2 and dm.source.origins["train"] == "Samsung/samsum[train]"
+    dm.setup("test")
+    assert dm.records["test"]["input"][0] == "A: hi\nB: yo"
