@@ -170,14 +170,10 @@ class NLGDataModule(LightningDataModule):
 
     def _load(self, split: str) -> None:
         if split not in self.records:
-            validation = self.source.load(split) if split == "validation" else None
-            if split == "test":
-                test = self.source.load("test")
-                if test is not None:
-                    self.records["test"] = test
-            elif validation is not None:
-                self.records["validation"] = validation
-            else:  # train, and validation split off it when there is no validation source
+            ds = None if split == "train" else self.source.load(split)
+            if ds is not None:
+                self.records[split] = ds
+            elif split != "test":  # train, and validation split off it when no source has one
                 self._load_train_and_validation()
         self._resolve_template()
         for name, ds in self.records.items():
