@@ -41,3 +41,15 @@ def test_packed_and_padded_steps_give_the_same_loss(tiny_model_dir, alpaca_file)
         packed, n_pack = m._step(PackCollator()(recs))
     assert n_pad == n_pack == sum(r["n_supervised"] for r in recs)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_refused_for_prompt_learning_adapters(tiny_model_dir, alpaca_file):
+    import pytest
+
+    from tests.conftest import cpu_trainer
+
+    m = QPeftModule(tiny_model_dir, quantization="none", compute_dtype="float32", dtype="float32",
+                    adapter=peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    dm = NLGDataModule(tiny_model_dir, task="file", path=alpaca_file, val_size=2, packing=True)
+    with pytest.raises(ValueError, match="data.packing: prompt_tuning puts its virtual tokens"):
+        cpu_trainer(max_steps=1, limit_val_batches=0).fit(m, dm)
