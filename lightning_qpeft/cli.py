@@ -4,7 +4,8 @@
 
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
 gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, peak memory, MFU; a summary in
-`<log_dir>/perf.json`) and `prediction_writer` (JSONL output of predict).
+`<log_dir>/perf.json`), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
+evaluation/generation.py) and `prediction_writer` (JSONL output of predict).
 `data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
 with the model's own tokenizer.
 """
@@ -18,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_qpeft.callbacks import AdapterExport, EfficiencyMonitor, JsonlPredictionWriter
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
+from lightning_qpeft.evaluation.generation import GenerationMetrics
 from lightning_qpeft.model.module import QPeftModule
 
 register_strategies()  # --trainer.strategy fsdp -> QPeftFSDPStrategy (see distributed.py)
@@ -55,6 +57,7 @@ class QPeftCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
         parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(GenerationMetrics, "generation_metrics")
 
 
 def _tokenizer_of(base_model: str, tokenizer: Any) -> str:

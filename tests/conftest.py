@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: one thread is faster than two (thread sync dominates)
 warnings.filterwarnings("ignore", message=".*loftq_config.*")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

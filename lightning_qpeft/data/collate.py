@@ -1,14 +1,16 @@
-"""Tokenize records as QLoRA does, mask the prompt from the loss, and pad batches dynamically.
+"""Tokenize records as QLoRA does, mask the prompt from the loss, and batch them: padded or packed.
 
 Config keys (`data.*`):
     source_max_len:   the prompt (BOS + template) is cut to this many tokens (QLoRA: 384 for Alpaca)
     target_max_len:   the response (output + EOS) is cut to this many tokens (QLoRA: 128)
     train_on_source:  also train on the prompt tokens (QLoRA's default is False)
+    packing:          `PackCollator` instead of `PadCollator` for training
 
 A tokenized record is `input_ids = source + target` and `labels = [-100] * len(source) + target` (or
 `input_ids` when training on the source). Source and target are tokenized separately with
 `add_special_tokens=False`, exactly as qlora.py's DataCollatorForCausalLM, so the peer and we train on the
-same tokens.
+same tokens. Each record also gets `length`, `n_supervised` (labels the loss sees: the first position is
+never predicted), `truncated` and its source `row`, kept in the Arrow cache for batching and statistics.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import torch
 IGNORE_INDEX = -100
 
 
+def _prompt_texts(records: list[dict], tokenizer: Any, template: Any) -> list[str]:
+    bos = tokenizer.bos_token or ""
+    texts = [template.render(r, tokenizer) for r in records]
+    # a chat template usually writes BOS itself: never put a second one in front
+    return [t if bos and t.startswith(bos) else f"{bos}{t}" for t in texts]
+
+
 def tokenize_records(
     batch: dict[str, list],
     tokenizer: Any,
@@ -28,27 +37,30 @@ def tokenize_records(
     target_max_len: int,
     train_on_source: bool,
 ) -> dict[str, list]:
-    """A `datasets.map(batched=True)` function: records -> input_ids, labels, source_len."""
+    """A `datasets.map(batched=True)` function: canonical records -> input_ids, labels and bookkeeping."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    sources = [f"{tokenizer.bos_token or ''}{template.render(r, tokenizer)}" for r in records]
-    targets = [f"{r['output']}{tokenizer.eos_token}" for r in records]
+    sources = _prompt_texts(records, tokenizer, template)
+    targets = [f"{r['output']}{tokenizer.eos_token or ''}" for r in records]
     src = tokenizer(sources, add_special_tokens=False)["input_ids"]
     tgt = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    input_ids, labels, source_len, truncated = [], [], [], []
-    for s, t in zip(src, tgt):
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "n_supervised", "truncated", "row")}
+    for r, s, t in zip(records, src, tgt):
         cut = len(s) > source_max_len or len(t) > target_max_len
         s, t = s[:source_max_len], t[:target_max_len]
-        input_ids.append(s + t)
-        labels.append(list(s + t) if train_on_source else [IGNORE_INDEX] * len(s) + t)
-        source_len.append(len(s))
-        truncated.append(cut)
-    return {"input_ids": input_ids, "labels": labels, "source_len": source_len, "truncated": truncated}
+        labels = list(s + t) if train_on_source else [IGNORE_INDEX] * len(s) + t
+        out["input_ids"].append(s + t)
+        out["labels"].append(labels)
+        out["length"].append(len(s) + len(t))
+        out["n_supervised"].append(sum(1 for x in labels[1:] if x != IGNORE_INDEX))
+        out["truncated"].append(cut)
+        out["row"].append(r.get("row", 0))
+    return out
 
 
 def tokenize_prompts(batch: dict[str, list], tokenizer: Any, template: Any, source_max_len: int) -> dict:
     """Prompt-only tokenization for generation (predict, generation metrics)."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    sources = [f"{tokenizer.bos_token or ''}{template.render(r, tokenizer)}" for r in records]
+    sources = _prompt_texts(records, tokenizer, template)
     ids = tokenizer(sources, add_special_tokens=False)["input_ids"]
     # keep the end of an over-long prompt: the instruction to answer is there
     return {"input_ids": [x[-source_max_len:] for x in ids], "prompt": sources}
@@ -71,6 +83,26 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class PackCollator:
+    """Flattens a micro-batch into one padding-free row (1, sum of lengths).
+
+    `position_ids` restart at 0 for every record and there is no `attention_mask`: from that, transformers
+    (masking_utils.find_packed_sequence_indices for sdpa/eager, cu_seqlens from position_ids for flash
+    attention) builds attention that never crosses a record boundary. The first label of every record is
+    masked, so no record's first token is predicted from the previous record's last one; the loss then
+    covers exactly the tokens a padded batch of the same records covers.
+    """
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = torch.cat([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in records])
+        labels = torch.cat([torch.as_tensor(r["labels"], dtype=torch.long) for r in records])
+        lengths = [len(r["input_ids"]) for r in records]
+        positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        labels[starts] = IGNORE_INDEX
+        return {"input_ids": ids[None], "labels": labels[None], "position_ids": positions[None]}
 
 
 class PromptCollator:

@@ -1,15 +1,21 @@
-"""`NLGDataModule`: records -> prompt template -> tokens with the prompt masked -> padded batches.
+"""`NLGDataModule`: records -> prompt template -> tokens with the prompt masked -> padded or packed batches.
 
 Config keys (`data.*`):
     tokenizer:        linked from `model.base_model` by the CLI (the base model's own tokenizer)
-    task, path:       which records (`sources.py`); val_path / test_path / predict_path for other splits;
-                      `random-tokens`: fixed-length random ids for speed measurements (`random_tokens.py`)
-    template:         prompt template (`templates.py`); default: the task's
+    task, path, val_path, test_path, hub_id, hub_config, hub_kwargs, *_field: which records (`sources.py`)
+    predict_path:     records to generate for in `predict` (their `output` is optional)
+    template:         prompt template (`templates.py`); default: the task's (or what its file layout implies)
     train_on_source, source_max_len, target_max_len: see `collate.py`
-    val_size:         records split off train for validation when no val_path/built-in validation
-                      exists (a fraction < 1, or a count); the split is seeded by `seed`
+    packing:          train on padding-free packed rows (`collate.PackCollator`); validation stays padded
+    group_by_length, max_tokens: training batch composition (`samplers.py`)
+    val_size:         records split off train for validation when no validation split exists (a fraction
+                      < 1, or a count); the split is seeded by `seed`
     max_train_records: use only the first N training records (quick runs)
     batch_size, eval_batch_size, num_workers, seed
+
+Records whose target is cut to nothing the loss can see (zero supervised tokens) are dropped with a warning
+naming file and row; records cut by the length limits are counted. Both, with records, tokens, supervised
+tokens and the padding fraction of the first epoch's batches, are logged once per fit as `data/*`.
 """
 
 from __future__ import annotations
@@ -17,15 +23,25 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import datasets
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_qpeft.data.collate import PadCollator, PromptCollator, tokenize_prompts, tokenize_records
-from lightning_qpeft.data.sources import DataError, get_task, load_task_splits, read_json_records
+from lightning_qpeft.data.collate import PackCollator, PadCollator, PromptCollator, tokenize_prompts, tokenize_records
+from lightning_qpeft.data.samplers import RecordBatchSampler, cut_batches
+from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
 from lightning_qpeft.model.loading import load_tokenizer, resolve_base_model
+
+def column(ds: datasets.Dataset, name: str) -> np.ndarray:
+    """One column as a numpy array, read in one Arrow slice (iterating a `Column` formats row by row)."""
+    return np.asarray(ds.select_columns([name]).with_format("numpy")[:][name])
+
+
+STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}
 
 
 class NLGDataModule(LightningDataModule):
@@ -33,11 +49,19 @@ class NLGDataModule(LightningDataModule):
 
     Args:
         tokenizer: tokenizer folder or hub id (the CLI links it to model.base_model).
-        task: task name (see `lightning_qpeft.data.sources.TASKS`), e.g. synthetic-e2e, or file.
-        path: local file of training records (.json / .jsonl); replaces the task's built-in data.
+        task: task name (see `lightning_qpeft.data.sources.TASKS`), e.g. synthetic-e2e, alpaca, samsum, e2e, file.
+        path: local file of training records (.json, .jsonl, .csv, .tsv, .parquet, .txt); replaces the task's
+            built-in or hub data.
         val_path: local file of validation records.
         test_path: local file of test records.
         predict_path: local file of records to generate for in `predict`.
+        hub_id: `datasets.load_dataset` path used when no `path` is given (default: the task's hub id).
+        hub_config: the hub dataset's config name.
+        hub_kwargs: more `datasets.load_dataset` arguments (data_files, revision, ...).
+        instruction_field: source column of the canonical `instruction`.
+        prompt_field: source column of the canonical `input` (the text the template puts in the prompt).
+        response_field: source column of the canonical `output` (the target).
+        references_field: source column of the references (a list of strings) for generation metrics.
         template: prompt template name (alpaca, plain, summarization, data_to_text, chat).
         train_on_source: also compute the loss on the prompt tokens.
         source_max_len: maximum prompt tokens (BOS + template).
@@ -46,8 +70,11 @@ class NLGDataModule(LightningDataModule):
         max_train_records: use at most this many training records.
         batch_size: records per training micro-batch.
         eval_batch_size: records per validation/test/predict batch (default: batch_size).
+        packing: flatten each training micro-batch into one padding-free row (position ids restart per record).
+        group_by_length: put records of similar length into the same training micro-batch.
+        max_tokens: token budget of a training micro-batch (instead of batch_size records).
         num_workers: DataLoader worker processes.
-        seed: seed of the train/validation split and of the built-in task.
+        seed: seed of the train/validation split, the training order and the built-in task.
         trust_remote_code: passed to the tokenizer loader.
     """
 
@@ -59,6 +86,13 @@ class NLGDataModule(LightningDataModule):
         val_path: Optional[str] = None,
         test_path: Optional[str] = None,
         predict_path: Optional[str] = None,
+        hub_id: Optional[str] = None,
+        hub_config: Optional[str] = None,
+        hub_kwargs: Optional[dict[str, Any]] = None,
+        instruction_field: Optional[str] = None,
+        prompt_field: Optional[str] = None,
+        response_field: Optional[str] = None,
+        references_field: Optional[str] = None,
         template: Optional[str] = None,
         train_on_source: bool = False,
         source_max_len: int = 384,
@@ -67,77 +101,116 @@ class NLGDataModule(LightningDataModule):
         max_train_records: Optional[int] = None,
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
+        packing: bool = False,
+        group_by_length: bool = False,
+        max_tokens: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 42,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        spec = get_task(task)
-        if spec.tokens is not None and path is not None:
+        if get_task(task).tokens is not None and path is not None:
             raise ValueError(f"data.path: task {task!r} makes its own records; unset data.path or use task: file")
-        self.template = get_template(template or spec.template)
+        if template is not None:
+            get_template(template)
         if target_max_len < 1:
             raise ValueError(f"data.target_max_len: {target_max_len} leaves no target token; use at least 1")
         if source_max_len < 1:
             raise ValueError(f"data.source_max_len: {source_max_len}; use at least 1")
         if not (0 < val_size < 1 or (isinstance(val_size, int) and val_size >= 1)):
             raise ValueError(f"data.val_size: {val_size}; give a fraction in (0, 1) or a record count >= 1")
+        if max_tokens is not None and max_tokens < source_max_len + target_max_len:
+            raise ValueError(
+                f"data.max_tokens: {max_tokens} is below the longest record (data.source_max_len + "
+                f"data.target_max_len = {source_max_len + target_max_len}); raise it or lower those limits"
+            )
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.task = task
         self.path, self.val_path, self.test_path, self.predict_path = path, val_path, test_path, predict_path
+        fields = {"instruction": instruction_field, "input": prompt_field, "output": response_field,
+                  "references": references_field}
+        self.source = TaskSource(task, {"train": path, "validation": val_path, "test": test_path}, hub_id,
+                                 hub_config, hub_kwargs, {k: v for k, v in fields.items() if v}, seed)
+        self.template_name = template
+        self.template: Any = None
         self.train_on_source = train_on_source
         self.source_max_len, self.target_max_len = source_max_len, target_max_len
         self.val_size = val_size
         self.max_train_records = max_train_records
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        self.packing, self.group_by_length, self.max_tokens = packing, group_by_length, max_tokens
         self.num_workers = num_workers
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.tokenizer: Any = None
-        self.records: dict[str, Optional[datasets.Dataset]] = {}
+        self.records: dict[str, datasets.Dataset] = {}
         self.tokenized: dict[str, datasets.Dataset] = {}
+        self.dropped: dict[str, int] = {}
+        self._stats_logged = False
 
     def prepare_data(self) -> None:
         # local rank 0 only, before setup: build the built-in model folder once, not once per rank
         resolve_base_model(self.tokenizer_name)
 
+    # ------------------------------------------------------------------------------ records
     def setup(self, stage: Optional[str] = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+        if stage == "fit":
+            self._stats_logged = False
         if stage == "predict":
             if self.predict_path is None:
                 raise DataError("data.predict_path: predict needs a file of records to generate for")
-            self.records["predict"] = read_json_records(self.predict_path, "data.predict_path")
+            self.records["predict"] = self.source.read(self.predict_path, "data.predict_path", need_output=False)
+            self._resolve_template()
             return
-        if self.records:
-            return
+        for split in STAGE_SPLITS.get(stage or "fit", ("train", "validation", "test")):
+            self._load(split)
+
+    def _load(self, split: str) -> None:
         spec = get_task(self.task)
         if spec.tokens is not None:  # token-level task: records are token ids already (no template, no tokenizer)
-            self.records = spec.tokens(len(self.tokenizer), self.source_max_len, self.target_max_len,
-                                       self.train_on_source, self.seed)
-            if self.max_train_records is not None:
-                train = self.records["train"]
-                self.records["train"] = train.select(range(min(self.max_train_records, len(train))))
-            self.tokenized = dict(self.records)
+            if not self.tokenized:
+                self.tokenized = spec.tokens(len(self.tokenizer), self.source_max_len, self.target_max_len,
+                                             self.train_on_source, self.seed)
+                if self.max_train_records is not None:
+                    train = self.tokenized["train"]
+                    self.tokenized["train"] = train.select(range(min(self.max_train_records, len(train))))
+                self.records = dict(self.tokenized)
+            self._resolve_template()
             return
-        splits = load_task_splits(self.task, self.path, self.val_path, self.test_path, self.seed)
-        train = splits["train"]
+        if split not in self.records:
+            ds = None if split == "train" else self.source.load(split)
+            if ds is not None:
+                self.records[split] = ds
+            elif split != "test":  # train, and validation split off it when no source has one
+                self._load_train_and_validation()
+        self._resolve_template()
+        for name, ds in self.records.items():
+            if name not in self.tokenized and name != "predict":
+                self.tokenized[name] = self._tokenize(ds, name)
+
+    def _load_train_and_validation(self) -> None:
+        train = self.source.load("train")
         if self.max_train_records is not None:
             train = train.select(range(min(self.max_train_records, len(train))))
-        if splits["validation"] is None:
+        validation = self.records["validation"] if "validation" in self.records else self.source.load("validation")
+        if validation is None:
             if len(train) < 2:
                 raise DataError(f"data.path: {len(train)} record(s) cannot be split into train and validation")
             parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
-            train, splits["validation"] = parts["train"], parts["test"]
-        self.records = {**splits, "train": train}
-        for split, ds in self.records.items():
-            if ds is not None:
-                self.tokenized[split] = self._tokenize(ds)
+            train, validation = parts["train"], parts["test"]
+            self.source.origins["validation"] = self.source.origins.get("train", "train")
+        self.records.update(train=train, validation=validation)
 
-    def _tokenize(self, ds: datasets.Dataset) -> datasets.Dataset:
-        return ds.map(
+    def _resolve_template(self) -> None:
+        if self.template is None:
+            self.template = get_template(self.template_name or self.source.template or get_task(self.task).template)
+
+    def _tokenize(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        tokenized = ds.map(
             tokenize_records,
             batched=True,
             remove_columns=ds.column_names,
@@ -148,12 +221,36 @@ class NLGDataModule(LightningDataModule):
                 target_max_len=self.target_max_len,
                 train_on_source=self.train_on_source,
             ),
-            desc="tokenize",
+            desc=f"tokenize {split}",
         )
+        # a record the loss cannot see would only add a NaN-prone all-masked row: drop it, say which
+        empty = np.flatnonzero(column(tokenized, "n_supervised") == 0)
+        self.dropped[split] = len(empty)
+        if len(empty):
+            rows = column(tokenized, "row")[empty[:3]].tolist()
+            origin = self.source.origins.get(split, split)
+            rank_zero_warn(f"{split}: dropped {len(empty)} record(s) with no target token left to train on "
+                           f"(e.g. {origin} rows {rows}); check data.source_max_len / data.target_max_len")
+            tokenized = tokenized.filter(lambda n: n > 0, input_columns="n_supervised", batched=False)
+            if len(tokenized) == 0:
+                raise DataError(f"{origin}: no record of the {split} split has a target token to train on")
+        return tokenized
 
     def prompts(self, split: str) -> datasets.Dataset:
-        """Prompt-only tokenization of a split's records, keeping output/references for scoring."""
+        """Prompt-only tokenization of a split's records, keeping output/references for scoring. Records
+        that share a prompt (E2E: one MR, several references) appear once."""
         ds = self.records[split]
+        if get_task(self.task).group_references and split != "predict":
+            seen: set = set()
+
+            def first(ins: list, inp: list) -> list[bool]:
+                keep = []
+                for key in zip(ins, inp):
+                    keep.append(key not in seen)
+                    seen.add(key)
+                return keep
+
+            ds = ds.filter(first, input_columns=["instruction", "input"], batched=True, load_from_cache_file=False)
         return ds.map(
             tokenize_prompts,
             batched=True,
@@ -162,17 +259,39 @@ class NLGDataModule(LightningDataModule):
         )
 
     # ------------------------------------------------------------------------------ loaders
-    def _loader(self, ds: datasets.Dataset, shuffle: bool, batch_size: int, collate: Any) -> DataLoader:
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_sampler(self) -> Optional[RecordBatchSampler]:
+        """The training batch sampler, or None for plain shuffled batches of `batch_size`."""
+        if not (self.group_by_length or self.max_tokens):
+            return None
+        world, rank = self._world()
+        lengths = column(self.tokenized["train"], "length")
+        return RecordBatchSampler(
+            None, self.batch_size, lengths=lengths, max_tokens=self.max_tokens, packed=self.packing,
+            group_by_length=self.group_by_length, seed=self.seed, num_replicas=world, rank=rank,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.tokenized["train"].with_format(None)
+        collate = PackCollator() if self.packing else PadCollator(self.tokenizer.pad_token_id)
+        sampler = self.train_sampler()
+        self._log_statistics(sampler)
         # StatefulDataLoader: Lightning saves its position (sampler state, batches yielded) in checkpoints,
         # so a resumed run continues with the very batches an unbroken run would have seen.
+        if sampler is not None:
+            return StatefulDataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                                      persistent_workers=self.num_workers > 0)
+        return self._loader(ds, True, self.batch_size, collate)
+
+    def _loader(self, ds: datasets.Dataset, shuffle: bool, batch_size: int, collate: Any) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return StatefulDataLoader(
             ds.with_format(None), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
             num_workers=self.num_workers, generator=generator, persistent_workers=self.num_workers > 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.tokenized["train"], True, self.batch_size, PadCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(
@@ -181,7 +300,7 @@ class NLGDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.tokenized:
-            raise DataError("data.test_path: this task has no test split; set data.test_path")
+            raise DataError(f"data.test_path: task {self.task!r} has no test split here; set data.test_path")
         return self._loader(self.tokenized["test"], False, self.eval_batch_size, PadCollator(self.tokenizer.pad_token_id))
 
     def predict_dataloader(self) -> DataLoader:
@@ -192,3 +311,38 @@ class NLGDataModule(LightningDataModule):
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Generated ids -> text, stopping at EOS."""
         return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------------------ statistics
+    def statistics(self, sampler: Optional[RecordBatchSampler] = None) -> dict[str, float]:
+        """Records, tokens, supervised tokens, truncation and the padding of the first epoch's batches."""
+        ds = self.tokenized["train"]
+        lengths = column(ds, "length")
+        if sampler is not None:
+            batches = sampler.global_plan(0)
+        else:  # the plain loader's first epoch: torchdata's RandomSampler draws randperm from the seeded generator
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).numpy()
+            batches = cut_batches(order, lengths, self.batch_size, None, self.packing)
+        slots = sum(len(b) * int(lengths[b].max()) for b in batches)
+        tokens = int(lengths.sum())
+        return {
+            "data/records": len(lengths),
+            "data/tokens": tokens,
+            "data/supervised_tokens": int(column(ds, "n_supervised").sum()),
+            "data/mean_tokens": tokens / max(len(lengths), 1),
+            "data/records_truncated": int(column(ds, "truncated").sum()),
+            "data/records_dropped": self.dropped.get("train", 0),
+            "data/padding_fraction": 0.0 if self.packing else 1 - tokens / max(slots, 1),
+            "data/batches_per_epoch": len(batches),
+        }
+
+    def _log_statistics(self, sampler: Optional[RecordBatchSampler]) -> None:
+        trainer = self.trainer
+        if self._stats_logged or trainer is None or trainer.state.fn != "fit":
+            return
+        self._stats_logged = True
+        stats = self.statistics(sampler)
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics(stats, step=0)
+        rank_zero_info("data: " + ", ".join(
+            f"{k[5:]} {v:,.3f}" if isinstance(v, float) else f"{k[5:]} {v:,}" for k, v in stats.items()
+        ))

@@ -29,8 +29,14 @@ def random_token_records(n: int, source_len: int, target_len: int, vocab_size: i
     labels = ids.copy()
     if not train_on_source:
         labels[:, :source_len] = IGNORE_INDEX
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels,
-                                       "source_len": np.full(n, source_len, dtype=np.int64)})
+    length = source_len + target_len
+    supervised = (length - 1) if train_on_source else target_len  # the first position is never predicted
+    # the columns collate.tokenize_records gives every tokenized record (batching and statistics read them)
+    return datasets.Dataset.from_dict({
+        "input_ids": ids, "labels": labels, "length": np.full(n, length, dtype=np.int64),
+        "n_supervised": np.full(n, supervised, dtype=np.int64), "truncated": np.zeros(n, dtype=bool),
+        "row": np.arange(1, n + 1, dtype=np.int64),
+    })
 
 
 def random_token_splits(vocab_size: int, source_len: int, target_len: int, train_on_source: bool,

@@ -265,13 +265,24 @@ class QPeftModule(LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     # ----------------------------------------------------------------------------------- steps
-    def forward(self, **batch: torch.Tensor) -> Any:
-        return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    def forward(self, num_items_in_batch: Optional[torch.Tensor] = None, **batch: torch.Tensor) -> Any:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        if num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
+        return self.model(**inputs)
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss over the batch's supervised tokens, and how many there are (for token-weighted means)."""
-        loss = self(**batch).loss if self.loss_impl == "standard" else self._supervised_loss(batch)
+        """Mean loss over the batch's supervised tokens, and how many there are (for token-weighted means).
+
+        The mean is taken as sum / max(n, 1) (transformers' `num_items_in_batch`): a batch without a
+        supervised token gives loss 0 and zero gradients instead of NaN (0 / 0), and no host sync is needed.
+        Padded (B, T) and packed (1, sum of lengths) batches give the same value for the same records.
+        """
         n_supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        if self.loss_impl == "standard":
+            loss = self(**batch, num_items_in_batch=n_supervised.clamp(min=1)).loss
+        else:
+            loss = self._supervised_loss(batch)
         return loss, n_supervised
 
     def _supervised_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -339,6 +350,11 @@ class QPeftModule(LightningModule):
         self.model.train()
 
     def on_fit_start(self) -> None:
+        if getattr(self.trainer.datamodule, "packing", False) and getattr(self.adapter, "is_prompt_learning", False):
+            raise ValueError(
+                f"data.packing: {self.method} puts its virtual tokens in front of each row, so every record "
+                "packed into the row would share them; set data.packing=false for prompt-learning adapters"
+            )
         trainable, total = self.parameter_counts()
         if self.logger is not None:
             self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)

@@ -65,6 +65,8 @@ def test_builtin_task_is_deterministic(tiny_model_dir):
     a, b = NLGDataModule(tiny_model_dir), NLGDataModule(tiny_model_dir)
     a.setup("fit"); b.setup("fit")
     assert a.records["train"][:5] == b.records["train"][:5]
+    assert "test" not in a.records  # fit reads train and validation only
+    a.setup("test")
     assert len(a.records["test"]) == 200
 
 
@@ -104,3 +106,117 @@ def test_unknown_task_and_template_are_refused(tiny_model_dir):
         NLGDataModule(tiny_model_dir, task="alpacca")
     with pytest.raises(ValueError, match="data.template: unknown template 'alpacca'"):
         NLGDataModule(tiny_model_dir, template="alpacca")
+
+
+# ---------------------------------------------------------------------------------------------- malformed input
+@pytest.mark.parametrize("name, content, match", [
+    ("empty.jsonl", "", r"data.path: .*empty.jsonl is empty"),
+    ("header.csv", "instruction,output\n", r"header.csv holds no records"),
+    ("bad.csv", 'instruction,output\n"a","b"\n"c","d","e"\n', r"bad.csv: row 2 \(line 3\) has 3 fields, the header 2"),
+    ("data.xml", "<a/>", r"unknown file type"),
+    ("broken.json", '[{"instruction": "a", "output": "b"},\n {"instruction": ]', r"broken.json:2:"),
+])
+def test_malformed_files_are_refused_naming_file_and_line(tiny_model_dir, tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        NLGDataModule(tiny_model_dir, task="file", path=str(path)).setup("fit")
+
+
+def test_record_with_no_target_token_is_dropped_with_file_and_row(tiny_model_dir, tmp_path):
+    from lightning_qpeft.model.loading import load_tokenizer
+
+    rows = [{"input": f"q{i}", "output": "" if i == 3 else f"a{i}"} for i in range(1, 9)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    val = write_jsonl(tmp_path / "v.jsonl", rows[:2])
+    dm = NLGDataModule(tiny_model_dir, task="file", path=path, val_path=val)
+    dm.tokenizer = load_tokenizer(tiny_model_dir)
+    dm.tokenizer.eos_token = None  # a tokenizer without EOS: an empty output is no target token at all
+    with pytest.warns(UserWarning, match=r"dropped 1 record\(s\) with no target token .*d.jsonl rows \[3\]"):
+        dm.setup("fit")
+    assert all(n > 0 for n in dm.tokenized["train"]["n_supervised"]) and dm.dropped["train"] == 1
+    assert len(dm.tokenized["train"]) == 7 and dm.dropped["validation"] == 0
+
+
+def test_long_records_are_cut_and_counted(tiny_model_dir, tmp_path):
+    rows = [{"instruction": "Repeat. " * (40 if i < 3 else 1), "output": "ok " * (30 if i == 5 else 1)}
+            for i in range(10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = NLGDataModule(tiny_model_dir, task="file", path=path, val_size=1, source_max_len=48, target_max_len=8, seed=0)
+    dm.setup("fit")
+    stats = dm.statistics()
+    truncated = sum(r in (1, 2, 3, 6) for r in dm.tokenized["train"]["row"])
+    assert stats["data/records_truncated"] == truncated > 0
+    assert max(dm.tokenized["train"]["length"]) <= 56
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("kw", [{}, {"group_by_length": True}, {"packing": True}])
+def test_statistics_match_the_batches_the_train_loader_yields(tiny_model_dir, tmp_path, kw):
+    rows = [{"instruction": "Say it. " * (1 + i % 7), "output": "yes " * (1 + i % 5)} for i in range(60)]
+    dm = NLGDataModule(tiny_model_dir, task="file", path=write_jsonl(tmp_path / "d.jsonl", rows), val_size=4,
+                       batch_size=8, **kw)
+    dm.setup("fit")
+    stats = dm.statistics(dm.train_sampler())
+    tok = dm.tokenized["train"]
+    assert stats["data/records"] == 56 and stats["data/tokens"] == sum(len(x) for x in tok["input_ids"])
+    assert stats["data/supervised_tokens"] == sum(sum(1 for y in x[1:] if y != IGNORE_INDEX) for x in tok["labels"])
+    batches = list(dm.train_dataloader())  # the first epoch, as training sees it
+    real = sum(int((b["labels"] != -7).sum()) if "attention_mask" not in b else int(b["attention_mask"].sum())
+               for b in batches)
+    slots = sum(b["input_ids"].numel() for b in batches)
+    assert real == stats["data/tokens"] and len(batches) == stats["data/batches_per_epoch"]
+    assert stats["data/padding_fraction"] == pytest.approx(1 - real / slots)
+    if kw.get("packing"):
+        assert all(b["input_ids"].shape[0] == 1 and "position_ids" in b for b in batches)
+
+
+def test_statistics_are_logged_once_per_fit(tiny_model_dir, alpaca_file, tmp_path, caplog):
+    import logging
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_qpeft.model.module import QPeftModule
+    from tests.conftest import cpu_trainer
+
+    module = QPeftModule(tiny_model_dir, quantization="none", compute_dtype="float32", dtype="float32",
+                         adapter=__import__("peft").LoraConfig(r=4, target_modules="all-linear"))
+    dm = NLGDataModule(tiny_model_dir, task="file", path=alpaca_file, val_size=2, batch_size=4, packing=True)
+    logger = CSVLogger(tmp_path)
+    with caplog.at_level(logging.INFO):
+        cpu_trainer(max_steps=2, limit_val_batches=0, logger=logger).fit(module, dm)
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    logged = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    records = [r["data/records"] for r in logged if r.get("data/records")]
+    assert records == ["14"]
+    assert "data: records 14" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_a_large_file_is_never_materialised_as_python_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """Every row access of `datasets` goes through query_table / table_iter: watch them. Text columns must
+    only ever be read a batch at a time; the whole file never becomes one Python list."""
+    import datasets.arrow_dataset as arrow_dataset
+    import pyarrow as pa
+
+    widest = {"rows": 0}
+
+    def watch(table):
+        texty = any(not (pa.types.is_integer(t) or pa.types.is_boolean(t)) for t in table.schema.types)
+        if texty:
+            widest["rows"] = max(widest["rows"], table.num_rows)
+        return table
+
+    real_query, real_iter = arrow_dataset.query_table, arrow_dataset.table_iter
+    monkeypatch.setattr(arrow_dataset, "query_table", lambda *a, **k: watch(real_query(*a, **k)))
+    monkeypatch.setattr(arrow_dataset, "table_iter", lambda *a, **k: (watch(t) for t in real_iter(*a, **k)))
+    n = 12_000
+    path = write_jsonl(tmp_path / "big.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(n)])
+    dm = NLGDataModule(tiny_model_dir, task="file", path=path, val_size=100, group_by_length=True, batch_size=16)
+    dm.setup("fit")
+    dm.statistics(dm.train_sampler())
+    next(iter(dm.train_dataloader()))
+    assert len(dm.tokenized["train"]) == n - 100
+    assert 0 < widest["rows"] <= 4096, widest  # batches of <= 4096 rows, never all 12,000
+    assert dm.tokenized["train"].cache_files  # memory-mapped Arrow files, not an in-memory table

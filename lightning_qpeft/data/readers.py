@@ -1,0 +1,117 @@
+"""Read a local data file into a `datasets.Dataset` of its raw columns, with errors that name file and line.
+
+Config keys (`data.*`): path, val_path, test_path, predict_path (the files; `sources.py` decides what the
+columns mean).
+
+Formats, by suffix: `.json` (an array of objects, or JSON lines), `.jsonl`, `.csv`, `.tsv` (header row;
+quoted fields may hold CRLF line breaks, every column is read as text), `.parquet`, and `.txt` (one record
+a line, e.g. the LoRA paper's `mr || ref` E2E files).
+
+Everything goes through `datasets.load_dataset`, which parses the file once into an Arrow cache and then
+memory-maps it: a million-record file is not held in RAM as Python objects. (A JSON *array* is the one
+exception: `datasets` parses it with Python's json module once, when it builds the cache; give JSON lines
+for very large files.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+
+# suffix -> datasets builder
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the config key, the file and the line or record."""
+
+
+def record_word(path: str | Path) -> str:
+    """How a record's position in this file is named in messages: line (JSON lines, text) or record/row."""
+    suffix = Path(str(path)).suffix
+    return {".jsonl": "line", ".txt": "line", ".csv": "row", ".tsv": "row"}.get(suffix, "record")
+
+
+def read_file(path: str | Path, key: str = "data.path") -> datasets.Dataset:
+    """The raw records of a local file (columns as the file has them).
+
+    Args:
+        path: the file.
+        key: the config key that named it (for messages).
+
+    Raises:
+        DataError: the file is missing, empty, of an unknown type, or does not parse (with file:line).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{key}: no such file: {str(path)!r}")
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{key}: {str(path)!r}: unknown file type; use one of {', '.join(BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{key}: {path} is empty")
+    kwargs: dict = {}
+    if builder == "csv":
+        kwargs = _csv_kwargs(path, key)
+    elif builder == "text":
+        kwargs = {"keep_linebreaks": False}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets wraps parse errors without a line number: find it ourselves
+        if "corresponds to no data" in str(e):  # a header, '[]' or blank lines only
+            raise DataError(f"{key}: {path} holds no records") from e
+        raise DataError(f"{key}: cannot parse {_error_location(path, e)}") from e
+    if len(ds) == 0:
+        raise DataError(f"{key}: {path} holds no records")
+    return ds
+
+
+def _csv_kwargs(path: Path, key: str) -> dict:
+    """Every column as text (ids stay strings, 'NA' stays 'NA'); the header names the columns."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), None)
+    if not header or not any(h.strip() for h in header):
+        raise DataError(f"{key}: {path}:1: no header row")
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return dict(delimiter=delimiter, encoding="utf-8-sig", keep_default_na=False, na_filter=False, features=features)
+
+
+def _error_location(path: Path, error: Exception) -> str:
+    """`file:line: what` for the first line that does not parse (datasets does not say where)."""
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if suffix in (".json", ".jsonl"):
+        try:
+            json.loads(text)
+            return f"{path}: {_root_cause(error)}"
+        except json.JSONDecodeError as whole:
+            if suffix == ".json" and text.lstrip().startswith("["):
+                return f"{path}:{whole.lineno}: {whole.msg}"
+        for lineno, line in enumerate(text.splitlines(), 1):  # JSON lines
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{path}:{lineno}: {e.msg}"
+        return f"{path}: {_root_cause(error)}"
+    if suffix in (".csv", ".tsv"):
+        try:
+            rows = csv.reader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
+            width = None
+            for lineno, row in enumerate(rows, 1):
+                width = width if width is not None else len(row)
+                if row and len(row) != width:
+                    return f"{path}: row {lineno - 1} (line {rows.line_num}) has {len(row)} fields, the header {width}"
+        except csv.Error as e:
+            return f"{path}: {e}"
+    return f"{path}: {_root_cause(error)}"
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,92 @@
+"""Generation metrics: ROUGE/BLEU equal hand-computed values, E2E scoring uses every reference, and on the
+built-in task a `test` run logs ROUGE that rises after a short fit, with the generations written as JSONL."""
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+
+from lightning_qpeft.data.datamodule import NLGDataModule
+from lightning_qpeft.evaluation.generation import GenerationMetrics, score_generations
+from lightning_qpeft.model.module import Generation, QPeftModule
+from tests.conftest import cpu_trainer
+
+
+def test_rouge_and_bleu_equal_hand_computed_values():
+    # ROUGE: pred "the cat sat on the mat" vs "the cat is on the mat": 5 of 6 unigrams match (F 5/6), 3 of 5
+    # bigrams (the cat, on the, the mat: F 3/5), longest common subsequence 5 words (F 5/6)
+    s = score_generations(["the cat sat on the mat"], [["the cat is on the mat"]])
+    assert s["rouge1"] == pytest.approx(100 * 5 / 6, abs=1e-3)
+    assert s["rouge2"] == pytest.approx(100 * 3 / 5, abs=1e-3)
+    assert s["rougeL"] == pytest.approx(100 * 5 / 6, abs=1e-3)
+    # corpus BLEU over two sentences: clipped n-gram matches are summed over the corpus before the ratio.
+    # "a b c d e f" vs "a b c d e g": 5/6, 4/5, 3/4, 2/3 matches; "the cat" vs "the cat": 2/2, 1/1, -, -.
+    s = score_generations(["a b c d e f", "the cat"], [["a b c d e g"], ["the cat"]])
+    precisions = [(5 + 2) / (6 + 2), (4 + 1) / (5 + 1), 3 / 4, 2 / 3]
+    bleu = 100 * math.exp(sum(math.log(p) for p in precisions) / 4)  # equal lengths: brevity penalty 1
+    assert s["bleu"] == pytest.approx(bleu, abs=1e-6)
+
+
+def test_multi_reference_scoring_uses_every_reference():
+    pred = ["aromi is an italian restaurant in the city centre"]
+    first_only = score_generations(pred, [["there is a place called aromi that serves italian food"]])
+    refs = [["there is a place called aromi that serves italian food",
+             "aromi is an italian restaurant in the city centre"]]
+    both = score_generations(pred, refs)
+    assert both["bleu"] == pytest.approx(100.0) and both["rougeL"] == pytest.approx(100.0)
+    assert first_only["bleu"] < 20 and first_only["rougeL"] < 60
+    # a prompt with fewer references than another is fine (sacrebleu skips the missing ones)
+    mixed = score_generations(pred * 2, [refs[0], refs[0][:1]])
+    assert first_only["bleu"] < mixed["bleu"] < 100
+
+
+def test_scoring_refuses_mismatched_input():
+    with pytest.raises(ValueError, match="2 predictions for 1 reference sets"):
+        score_generations(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="at least one reference"):
+        score_generations(["a"], [[]])
+
+
+def test_test_run_logs_rouge_that_rises_after_training(tiny_model_dir, tmp_path):
+    module = QPeftModule(tiny_model_dir, quantization="none", compute_dtype="float32", dtype="float32",
+                         adapter=peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                         generation=Generation(max_new_tokens=32))
+    data = NLGDataModule(tiny_model_dir, source_max_len=96, target_max_len=48, batch_size=8, eval_batch_size=8,
+                         max_train_records=600)
+    metrics = GenerationMetrics(max_records=8, dirpath=str(tmp_path))
+    before = cpu_trainer(callbacks=[metrics], limit_test_batches=1).test(module, data, verbose=False)[0]
+    assert {"test/rouge1", "test/rouge2", "test/rougeL", "test/bleu", "test/loss"} <= set(before)
+    cpu_trainer(max_steps=25, limit_val_batches=0).fit(module, data)
+    after = cpu_trainer(callbacks=[metrics], limit_test_batches=1).test(module, data, verbose=False)[0]
+    assert after["test/rouge1"] > before["test/rouge1"] + 15, (before, after)
+    assert after["test/rougeL"] > before["test/rougeL"] + 10 and after["test/loss"] < before["test/loss"]
+    rows = [json.loads(line) for line in (tmp_path / "test_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(set(r) == {"prompt", "prediction", "references"} for r in rows)
+    assert all(len(r["references"]) == 2 and r["prompt"].endswith("### Response: ") for r in rows)
+    rescored = score_generations([r["prediction"] for r in rows], [r["references"] for r in rows])
+    assert rescored == pytest.approx({k: after[f"test/{k}"] for k in rescored}, abs=1e-3)
+
+
+def test_cli_test_and_validate_log_generation_metrics(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_qpeft.cli import QPeftCLI
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    common = ["--config", str(config), "--model.base_model", tiny_model_dir, "--trainer.default_root_dir",
+              str(tmp_path), "--trainer.enable_progress_bar", "false", "--model.generation.max_new_tokens", "6",
+              "--generation_metrics.max_records", "4", "--data.eval_batch_size", "4"]
+    QPeftCLI(args=["test", *common, "--trainer.limit_test_batches", "1"])
+    QPeftCLI(args=["validate", *common, "--trainer.limit_val_batches", "1", "--data.max_train_records", "100"])
+    for version, stage in (("version_0", "test"), ("version_1", "val")):
+        folder = tmp_path / "lightning_logs" / version
+        ea = EventAccumulator(str(folder))
+        ea.Reload()
+        assert {f"{stage}/{k}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss")} <= set(ea.Tags()["scalars"])
+        rows = (folder / f"{stage}_generations.jsonl").read_text().splitlines()
+        assert len(rows) == 4
