@@ -59,7 +59,7 @@ def check_tokens(dm, split="train", i=0):
 def test_every_task_has_a_template_and_a_source():
     for task in TASKS.values():
         get_template(task.template)
-        assert task.builtin or task.hub_id or task.name in ("file", "hub", "e2e-lora")
+        assert task.builtin or task.tokens or task.hub_id or task.name in ("file", "hub", "e2e-lora")
 
 
 def test_alpaca_task_from_a_local_file(tiny_model_dir, alpaca_file):
