@@ -5,6 +5,8 @@
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
 gets: `adapter_export` (peft export at the end of fit) and `prediction_writer` (JSONL output of predict).
 `model.base_model` is linked to `data.tokenizer`: the data is always tokenized with the base model's tokenizer.
+Adapter fields that the run decides (a text-initialised prompt's tokenizer, AdaLoRA's total_step) are filled
+before the adapter config is instantiated (`adapters.complete_run_fields`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_qpeft.callbacks import AdapterExport, JsonlPredictionWriter
 from lightning_qpeft.data.datamodule import NLGDataModule
+from lightning_qpeft.model.adapters import complete_run_fields
 from lightning_qpeft.model.module import QPeftModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -43,6 +46,11 @@ class QPeftCLI(LightningCLI):
         # the config as given and let QPeftModule.on_load_checkpoint refuse a checkpoint that does not match
         # it, saying what differs: a silent override would resume something other than what was asked for.
         return
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.model.adapter is not None:
+            complete_run_fields(config.model.adapter, config.model.base_model)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.base_model", "data.tokenizer")
