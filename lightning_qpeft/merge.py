@@ -67,18 +67,14 @@ def merge(
     recorded = _recorded(folder)
     if quantization == "auto":
         quantization = recorded.get("quantization", "none")
-    mode = get_quant_mode(quantization)
-    torch_dtype = resolve_dtype(dtype, "merge --dtype")
+    get_quant_mode(quantization)
+    resolve_dtype(dtype, "merge --dtype")
     base_model = base_model or config.base_model_name_or_path or recorded.get("base_model")
     if not base_model:
         raise ValueError(f"merge --base_model: {adapter_path!r} names no base model; give --base_model")
     path = resolve_base_model(base_model)
 
-    base = load_base_model(path, quantization=quantization, compute_dtype=dtype, dtype=dtype, device=device,
-                           trust_remote_code=trust_remote_code)
-    if mode.is_quantized:
-        base = base.dequantize(dtype=torch_dtype)
-    base = base.to(torch_dtype)
+    base = dequantized_base(path, quantization, dtype, device, trust_remote_code)
     merged = _merged(base, adapter_path)
     merged.config.use_cache = True  # the loader turns it off for training; a deployed model generates
 
@@ -93,6 +89,22 @@ def merge(
         (tmp / "qpeft_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"merged {adapter_path} into {base_model} (dequantized from {quantization}, {dtype}) -> {output}")
     return Path(output)
+
+
+def dequantized_base(base_model: str, quantization: str, dtype: str = "float32", device: str = "cpu",
+                     trust_remote_code: bool = False) -> torch.nn.Module:
+    """The base loaded with `quantization` and dequantized to `dtype`: the weights an adapter trained on that
+    quantization saw (`none`: the original weights)."""
+    torch_dtype = resolve_dtype(dtype, "merge --dtype")
+    base = load_base_model(base_model, quantization=quantization, compute_dtype=dtype, dtype=dtype, device=device,
+                           trust_remote_code=trust_remote_code)
+    if get_quant_mode(quantization).is_quantized:
+        base = base.dequantize(dtype=torch_dtype)
+        # transformers leaves these flags set; peft reads them and refuses to merge IA3/AdaLoRA "in 4-bit"
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if hasattr(base, flag):
+                setattr(base, flag, False)
+    return base.to(torch_dtype)
 
 
 def _merged(base: torch.nn.Module, adapter_path: str) -> torch.nn.Module:

@@ -11,6 +11,7 @@ adapter config to it: the counts quoted in `configs/adapter/*.yaml` come from he
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Optional
@@ -35,12 +36,24 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def llama2_7b_counts(adapter) -> tuple[int, int]:
+def llama2_7b_counts(adapter, exact: bool = False) -> tuple[int, int]:
     """(trainable, total) parameters of `adapter` (a peft config or FullFineTuning) on Llama-2-7B's shapes.
 
+    Every count is affine in the number of (identical) blocks, c(L) = c0 + L·c1, so by default it is taken
+    on 1- and 2-block models and extrapolated to 32 (peft builds some adapters, BOFT's butterfly
+    permutations for one, slowly even on the meta device); `exact` builds all 32 blocks.
     Initialisations that read the weights (PiSSA's SVD, LoftQ) cannot run on the meta device; they do not
     change any shape, so the count uses LoRA's default initialisation.
     """
+    layers = LLAMA2_7B["num_hidden_layers"]
+    if exact:
+        return _meta_counts(adapter, layers)
+    one, two = _meta_counts(adapter, 1), _meta_counts(adapter, 2)
+    return tuple(a + (b - a) * (layers - 1) for a, b in zip(one, two))
+
+
+def _meta_counts(adapter, num_hidden_layers: int) -> tuple[int, int]:
+    adapter = copy.deepcopy(adapter)  # peft fills prompt-learning fields (num_layers, token_dim) in place
     from peft import LoraConfig, PromptTuningConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,7 +66,7 @@ def llama2_7b_counts(adapter) -> tuple[int, int]:
         adapter = dataclasses.replace(adapter, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
                                       tokenizer_name_or_path=None)
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
+        model = LlamaForCausalLM(LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": num_hidden_layers}))
     for p in model.parameters():
         p.requires_grad_(False)
     return count_parameters(attach_adapter(model, adapter))
