@@ -25,9 +25,8 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MeanMetric
-
 from peft import AdaLoraConfig
+from torchmetrics import MeanMetric
 
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import (

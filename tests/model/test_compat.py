@@ -16,8 +16,14 @@ from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.module import QPeftModule
 
 ROOT = Path(__file__).resolve().parents[2]
-REFUSED = [pytest.param(m.name, q, id=f"{m.name}-{q}") for m, q, c in compat.cells() if c.status is compat.Status.REFUSED]
-CUDA = [pytest.param(m.name, q, id=f"{m.name}-{q}") for m, q, c in compat.cells() if c.status is compat.Status.CUDA]
+
+
+def cells_with(status: compat.Status) -> list:
+    return [pytest.param(m.name, q, id=f"{m.name}-{q}") for m, q, c in compat.cells() if c.status is status]
+
+
+REFUSED = cells_with(compat.Status.REFUSED)
+CUDA = cells_with(compat.Status.CUDA)
 
 
 @pytest.fixture(autouse=True, scope="module")
