@@ -11,6 +11,7 @@ the same things as the CPU tests are measured on the tiny 2-layer LLaMA, float32
 Each line ends with the table's verdict and whether the GPU agrees: `AGREE`, or `DISAGREE` when a cell the
 table refuses (or allows on CUDA only) behaves otherwise here. For LoftQ it also prints how far the bare
 4-bit base and the LoftQ-initialised model are from the unquantized model (LoftQ should be closer).
+Needs torch, transformers, peft, bitsandbytes (and PyYAML); not lightning, and jsonargparse only if present.
 Expected on an H200: under a minute after imports; the lines that matter are the CUDA cells (dora int8,
 loftq on 4-bit) and the refusals said to hold on CUDA too (loha/lokr/hra on 4-bit, hra int8, full on
 quantized bases).
@@ -19,7 +20,7 @@ quantized bases).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
 import tempfile
 import time
 import traceback
@@ -35,10 +36,31 @@ SMALL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_att
 TINY_OVERRIDES = {"adalora": dict(tinit=0, tfinal=1, deltaT=1, total_step=3)}
 
 
+def load_config(method, model_dir: str):
+    """The row's YAML as the CLI loads it (jsonargparse); plain YAML + import where jsonargparse is missing."""
+    overrides = TINY_OVERRIDES.get(method.name, {})
+    try:
+        import jsonargparse  # noqa: F401
+    except ImportError:
+        import importlib
+
+        import yaml
+
+        from lightning_qpeft.model.adapters import complete_run_fields
+
+        spec = yaml.safe_load(method.yaml.read_text())
+        module, name = spec["class_path"].rsplit(".", 1)
+        args = argparse.Namespace(**{**spec.get("init_args", {}), **overrides})
+        complete_run_fields(argparse.Namespace(class_path=spec["class_path"], init_args=args), model_dir)
+        return getattr(importlib.import_module(module), name)(**vars(args))
+    from lightning_qpeft.model import compat
+
+    return compat.load_method_config(method, base_model=model_dir, **overrides)
+
+
 def run_cell(method, quantization: str, model_dir: str, device: torch.device, ids: torch.Tensor) -> str:
     import peft
 
-    from lightning_qpeft.callbacks.adapter_export import export_model
     from lightning_qpeft.model import compat
     from lightning_qpeft.model.adapters import attach_adapter
     from lightning_qpeft.model.loading import load_base_model
@@ -53,7 +75,7 @@ def run_cell(method, quantization: str, model_dir: str, device: torch.device, id
 
     stage = "build"
     try:
-        adapter = compat.load_method_config(method, base_model=model_dir, **TINY_OVERRIDES.get(method.name, {}))
+        adapter = load_config(method, model_dir)
         base = prepare_base(load(quantization), gradient_checkpointing=False).eval()
         bare = logits(base)
         model = attach_adapter(base, adapter, base_path=model_dir).eval()
@@ -94,7 +116,7 @@ def run_cell(method, quantization: str, model_dir: str, device: torch.device, id
         model.eval()
         trained = logits(model)
         with tempfile.TemporaryDirectory() as folder:
-            export_model(model, folder)
+            model.save_pretrained(folder)
             if isinstance(model, peft.PeftModel):
                 reloaded = peft.PeftModel.from_pretrained(load(quantization), folder).eval()
                 notes.append(f"reload Δ {(logits(reloaded) - trained).abs().max().item():.2g}")
@@ -122,6 +144,7 @@ def main() -> None:
     from lightning_qpeft.model.tiny import build_tiny_llama
 
     transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one warning per int8 matmul of float32 inputs
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
