@@ -35,6 +35,7 @@ def test_adapter_config_instantiates(adapter, tiny_model_dir):
     mode = next(q for q in compat.QUANT_COLUMNS if row.cell(q).status is not compat.Status.REFUSED)
     cli = QPeftCLI(args=["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.base_model", tiny_model_dir,
                          "--model.adapter", str(adapter), "--model.quantization", mode,
+                         "--model.dtype", "float32",
                          "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model.adapter, (peft.PeftConfig,)) or type(cli.model.adapter).__name__ == "FullFineTuning"
     assert compat.lookup(cli.model.adapter)[1] is compat.METHODS[row.alias_of or row.name]

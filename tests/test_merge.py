@@ -133,7 +133,7 @@ def test_prompt_learning_adapters_are_refused_before_loading(method, tiny_model_
 
 
 def test_full_fine_tuning_export_is_refused(tiny_model_dir, tmp_path):
-    module = QPeftModule(tiny_model_dir, quantization="none", compute_dtype="float32",
+    module = QPeftModule(tiny_model_dir, quantization="none", compute_dtype="float32", dtype="float32",
                          adapter=compat.load_method_config("full"))
     module.configure_model()
     export_model(module.model, tmp_path / "full")

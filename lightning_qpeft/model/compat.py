@@ -177,6 +177,14 @@ class Setting:
     quant_storage: str = "uint8"
     dtype: str = "auto"
     packing: bool = False
+    upcast_norms: bool = True
+    compute_dtype: str = "bfloat16"
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype of the unquantized weights (norms, embeddings): the compute dtype on quantized bases."""
+        return self.compute_dtype if get_quant_mode(self.quantization).is_quantized and self.dtype == "auto" \
+            else self.dtype
 
 
 @dataclass(frozen=True)
@@ -211,11 +219,26 @@ def _float_storage(s: Setting) -> Optional[str]:
     return None
 
 
-def _full_fp16(s: Setting) -> Optional[str]:
-    if s.name == "full" and s.dtype == "float16":
-        return ("model.adapter=full cannot run with model.dtype=float16: the optimizer would update float16 "
-                "weights without float32 master copies (small updates round to zero); use model.dtype=float32 "
-                "or bfloat16")
+# AdamW steps smaller than half a weight's rounding step are lost in 16-bit weights (bfloat16 keeps 8 bits of
+# mantissa: around 1.0 the step is 0.0078); Lightning's mixed precision autocasts matmuls but keeps the
+# parameters in the dtype they were loaded in, so there is no float32 master copy to absorb them.
+LOST_UPDATES = "AdamW's updates smaller than the 16-bit rounding step of a weight are lost"
+
+
+def _full_fp32(s: Setting) -> Optional[str]:
+    if s.name == "full" and s.dtype != "float32":
+        return (f"model.adapter=full cannot run with model.dtype={s.dtype}: every weight trains, in the dtype it is "
+                f"loaded in, with no float32 master copy, and {LOST_UPDATES} (measured in bfloat16 at lr 1e-3: the "
+                "norm weights did not change); use model.dtype=float32 (trainer.precision=bf16-mixed still "
+                "computes in bfloat16)")
+    return None
+
+
+def _ln_tuning_fp32_norms(s: Setting) -> Optional[str]:
+    if s.name == "ln_tuning" and not s.upcast_norms and s.weights_dtype != "float32":
+        return (f"model.adapter=ln_tuning cannot run with model.upcast_norms=false: the trained norm weights would "
+                f"stay in {s.weights_dtype if s.weights_dtype != 'auto' else 'the checkpoint dtype'}, and "
+                f"{LOST_UPDATES} (measured in bfloat16 at lr 1e-3: none changed); set model.upcast_norms=true")
     return None
 
 
@@ -242,7 +265,9 @@ RULES: tuple[Rule, ...] = (
          "quant_storage on 4-bit bases: they would silently compute on packed bytes", _float_storage),
     Rule("data.packing", "prompt-learning methods (prefix, prompt, p-tuning) refuse packed batches",
          _prompt_packing),
-    Rule("model.dtype", "full fine-tuning refuses float16 weights (no master weights)", _full_fp16),
+    Rule("model.dtype", "full fine-tuning needs float32 weights (16-bit weights without a float32 master copy "
+         "lose AdamW's small updates)", _full_fp32),
+    Rule("model.upcast_norms", "ln_tuning needs float32 norm weights (same reason)", _ln_tuning_fp32_norms),
     Rule("model.adapter.init_args.init_lora_weights", "pissa_niter_K is refused: its export does not reload "
          "identically", _randomized_pissa),
 )
@@ -269,11 +294,14 @@ def check(
     quant_storage: str = "uint8",
     dtype: str = "auto",
     packing: bool = False,
+    upcast_norms: bool = True,
+    compute_dtype: str = "bfloat16",
 ) -> Optional[Method]:
     """Refuse an impossible combination (ValueError naming both keys); return the method's row.
 
-    Device-independent: cells that need CUDA pass here and are checked by `check_device`. `packing` is
-    `data.packing` (QPeftModule checks it again in `setup`, when the data module is known).
+    The arguments are the `model.*` keys of the same names (`packing` is `data.packing`: QPeftModule checks it
+    again in `setup`, when the data module is known). Device-independent: cells that need CUDA pass here and
+    are checked by `check_device`.
     """
     if adapter is None:
         return None
@@ -292,7 +320,8 @@ def check(
         if cell.status is Status.REFUSED:
             raise ValueError(f"model.adapter={name} cannot run with model.quantization={quantization}: "
                              f"{cell.reason}; {way_out(method)}")
-    setting = Setting(adapter, name, method, quantization, gradient_checkpointing, quant_storage, dtype, packing)
+    setting = Setting(adapter, name, method, quantization, gradient_checkpointing, quant_storage, dtype, packing,
+                      upcast_norms, compute_dtype)
     for rule in RULES:
         message = rule.refuses(setting)
         if message:

@@ -126,7 +126,8 @@ class QPeftModule(LightningModule):
         self.adapter_path = adapter_path
         self.adapter = load_adapter_config(adapter_path) if adapter_path is not None else adapter
         # the compatibility table refuses impossible combinations here, before any weight loads
-        compat.check(self.adapter, quantization, gradient_checkpointing, quant_storage, dtype)
+        compat.check(self.adapter, quantization, gradient_checkpointing, quant_storage, dtype,
+                     upcast_norms=upcast_norms, compute_dtype=compute_dtype)
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_norms = upcast_norms
         self.optimizer_factory = optimizer
@@ -183,7 +184,8 @@ class QPeftModule(LightningModule):
         # runs before configure_model: refuse what the data settings make impossible before weights load
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         compat.check(self.adapter, self.quantization, self.gradient_checkpointing, self.quant_storage,
-                     self.dtype_name, packing=bool(getattr(datamodule, "packing", False)))
+                     self.dtype_name, packing=bool(getattr(datamodule, "packing", False)),
+                     upcast_norms=self.upcast_norms, compute_dtype=self.compute_dtype)
 
     @property
     def method(self) -> str:

@@ -52,7 +52,7 @@ def adapter_config(method: str, base_model: str, **overrides):
 
 
 def module_for(method: str, quantization: str, base_model: str, **kw) -> QPeftModule:
-    return QPeftModule(base_model, quantization=quantization, compute_dtype="float32",
+    return QPeftModule(base_model, quantization=quantization, compute_dtype="float32", dtype="float32",
                        adapter=adapter_config(method, base_model), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
                        **kw)
 

@@ -70,8 +70,12 @@ def test_cuda_cell_passes_init_and_is_refused_on_cpu_before_loading(method, quan
      "model.adapter=prefix_tuning cannot run with model.gradient_checkpointing=true"),
     (dict(adapter="loftq", quantization="nf4", quant_storage="bfloat16"),
      "model.adapter=loftq cannot run with model.quant_storage=bfloat16: with a float storage dtype"),
-    (dict(adapter="full", quantization="none", dtype="float16"),
-     "model.adapter=full cannot run with model.dtype=float16"),
+    (dict(adapter="full", quantization="none", dtype="bfloat16"),
+     "model.adapter=full cannot run with model.dtype=bfloat16: every weight trains"),
+    (dict(adapter="full", quantization="none"), "model.adapter=full cannot run with model.dtype=auto"),
+    (dict(adapter="ln_tuning", quantization="nf4", upcast_norms=False, compute_dtype="bfloat16"),
+     "model.adapter=ln_tuning cannot run with model.upcast_norms=false: the trained norm weights would stay in "
+     "bfloat16"),
     (dict(adapter="p_tuning", quantization="int8", packing=True),
      "model.adapter=p_tuning cannot run with data.packing=true"),
 ])
@@ -94,7 +98,9 @@ def test_randomized_pissa_is_refused():
 def test_rules_pass_where_they_should():
     compat.check(config("prefix_tuning"), "nf4", gradient_checkpointing=False)
     compat.check(config("lora"), "nf4", gradient_checkpointing=True, quant_storage="bfloat16")
-    compat.check(config("full"), "none", dtype="bfloat16")
+    compat.check(config("full"), "none", dtype="float32")
+    compat.check(config("ln_tuning"), "nf4", upcast_norms=False, compute_dtype="float32")
+    compat.check(config("ln_tuning"), "none", upcast_norms=True, dtype="bfloat16")
     compat.check(config("pissa"), "none")
     compat.check(config("lora"), "nf4", packing=True)
 
