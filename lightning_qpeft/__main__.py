@@ -8,7 +8,9 @@ import importlib
 import sys
 
 # command -> "module:function"; each function parses its own arguments
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "merge": "lightning_qpeft.merge:main",  # adapter + dequantized base -> plain model folder
+}
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, 
 `<log_dir>/perf.json`), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
 evaluation/generation.py) and `prediction_writer` (JSONL output of predict).
 `data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
-with the model's own tokenizer.
+with the model's own tokenizer. Adapter fields that the run decides (a text-initialised prompt's tokenizer,
+AdaLoRA's total_step) are filled before the adapter config is instantiated (`adapters.complete_run_fields`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning_qpeft.callbacks import AdapterExport, EfficiencyMonitor, JsonlPre
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.evaluation.generation import GenerationMetrics
+from lightning_qpeft.model.adapters import complete_run_fields
 from lightning_qpeft.model.module import QPeftModule
 
 register_strategies()  # --trainer.strategy fsdp -> QPeftFSDPStrategy (see distributed.py)
@@ -50,6 +52,11 @@ class QPeftCLI(LightningCLI):
         # the config as given and let QPeftModule.on_load_checkpoint refuse a checkpoint that does not match
         # it, saying what differs: a silent override would resume something other than what was asked for.
         return
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.model.adapter is not None:
+            complete_run_fields(config.model.adapter, config.model.tokenizer or config.model.base_model)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(("model.base_model", "model.tokenizer"), "data.tokenizer", compute_fn=_tokenizer_of)

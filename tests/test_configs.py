@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lightning_qpeft.cli import QPeftCLI
+from lightning_qpeft.model.adapters import adapter_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
@@ -35,9 +36,21 @@ def test_model_config_instantiates(config, tiny_model_dir, alpaca_file):
 def test_adapter_config_instantiates(adapter, tiny_model_dir):
     import peft
 
+    from lightning_qpeft.model import compat
+
+    # on a quantization the compatibility table allows for this method (the others are refused by design)
+    row = compat.METHODS[adapter.stem]
+    mode = next(q for q in compat.QUANT_COLUMNS if row.cell(q).status is not compat.Status.REFUSED)
     cli = QPeftCLI(args=["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.base_model", tiny_model_dir,
-                         "--model.adapter", str(adapter), "--trainer.logger", "false"], run=False)
+                         "--model.adapter", str(adapter), "--model.quantization", mode,
+                         "--model.dtype", "float32",
+                         "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model.adapter, (peft.PeftConfig,)) or type(cli.model.adapter).__name__ == "FullFineTuning"
+    assert compat.lookup(cli.model.adapter)[1] is compat.METHODS[row.alias_of or row.name]
+    # jsonargparse keeps init_args of the previous class (tiny.yaml's LoRA) that the new class also has:
+    # the YAML must state those, or e.g. LoRA's r=16 would land in OFTConfig.r
+    alone = compat.load_method_config(row, base_model=tiny_model_dir)
+    assert adapter_to_dict(cli.model.adapter) == adapter_to_dict(alone)
 
 
 def test_print_config_shows_resolved_config(capsys):

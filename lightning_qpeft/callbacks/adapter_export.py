@@ -4,24 +4,56 @@ Config keys (`adapter_export.*`, a top-level section of the CLI config):
     dirpath:  where to write (default: `<log_dir>/adapter`, beside the TensorBoard events)
     enabled:  turn the export off
 
-The folder holds `adapter_config.json` and `adapter_model.safetensors` (full fine-tuning: a whole model in
-safetensors) and appears atomically. Its size on disk is logged as `adapter/size_bytes`.
+The folder holds `adapter_config.json` and `adapter_model.safetensors` (full fine-tuning: a whole model
+folder, config, safetensors and tokenizer, loadable with `from_pretrained`) and `qpeft_training.json` (the
+base, quantization and method it was trained with: `merge` dequantizes the same quantization). It appears
+atomically. Its size on disk is logged as `adapter/size_bytes`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
+from lightning_qpeft.model.adapters import TRAINING_FILE
 from lightning_qpeft.utils.atomic import atomic_dir
 
 
 def folder_size(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, training: Optional[dict[str, Any]] = None,
+                 tokenizer: Any = None) -> int:
+    """Write a peft model's adapter (or a fully fine-tuned model) to `path` atomically; returns its size.
+
+    Args:
+        model: a `PeftModel` (its adapter is written) or a transformers model (all of it is).
+        path: the folder to (re)place.
+        training: what it was trained with, written to `qpeft_training.json`.
+        tokenizer: saved beside a full model (an adapter needs its base's tokenizer, which `merge` adds).
+    """
+    from peft import PeftModel
+
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None and not isinstance(model, PeftModel):
+            tokenizer.save_pretrained(tmp)
+        if training is not None:
+            (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
+    return folder_size(path)
+
+
+def training_info(pl_module: LightningModule) -> dict[str, Any]:
+    """The settings an adapter belongs to (QPeftModule's), for `qpeft_training.json`."""
+    keys = ("base_model", "quantization", "compute_dtype", "quant_storage", "method")
+    return {k: getattr(pl_module, k) for k in keys if hasattr(pl_module, k)}
 
 
 class AdapterExport(Callback):
@@ -47,9 +79,8 @@ class AdapterExport(Callback):
             return
         path = self.resolve_dir(trainer)
         if trainer.is_global_zero:
-            with atomic_dir(path) as tmp:
-                pl_module.model.save_pretrained(tmp, safe_serialization=True)
-            size = folder_size(path)
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+            size = export_model(pl_module.model, path, training_info(pl_module), tokenizer)
             rank_zero_info(f"adapter exported to {path} ({size / 1024:.1f} KiB)")
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"adapter/size_bytes": size}, step=trainer.global_step)

@@ -3,7 +3,8 @@
 Config keys (`model.*`):
     base_model, quantization, compute_dtype, dtype, quant_storage, attn_implementation, trust_remote_code:
         what to load and how (see `loading.py`, `quantization.py`)
-    adapter:                 a peft config (`configs/adapter/*.yaml`) or `FullFineTuning`; none: the bare base
+    adapter:                 a peft config (`configs/adapter/*.yaml`) or `FullFineTuning`; none: the bare base.
+                             Combinations the compatibility table (`compat.py`) refuses fail in __init__
     adapter_path:            a trained adapter folder (peft `save_pretrained` output) to evaluate or train on
     gradient_checkpointing:  recompute activations in backward (less memory, ~30 % more time)
     upcast_norms:            RMSNorm weights in float32
@@ -21,23 +22,27 @@ quantized base is reloaded from `base_model`, never saved.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from peft import AdaLoraConfig
 from torchmetrics import MeanMetric
 
 from lightning_qpeft.distributed import fsdp_param_dtype
+from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import (
     AdapterConfig,
     adapter_to_dict,
     attach_adapter,
     load_adapter_config,
     method_name,
+    with_total_steps,
 )
+from lightning_qpeft.model.counting import count_parameters
 from lightning_qpeft.model.fused_loss import (
     causal_lm_of,
     check_loss_name,
@@ -46,7 +51,7 @@ from lightning_qpeft.model.fused_loss import (
     resolve_loss,
     supervised_hidden,
 )
-from lightning_qpeft.model.loading import load_base_model
+from lightning_qpeft.model.loading import load_base_model, resolve_base_model
 from lightning_qpeft.model.preparation import compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.schedules import needs_total_steps
@@ -154,6 +159,9 @@ class QPeftModule(LightningModule):
             raise ValueError("model.adapter and model.adapter_path: set one (a new adapter, or a trained one)")
         self.adapter_path = adapter_path
         self.adapter = load_adapter_config(adapter_path) if adapter_path is not None else adapter
+        # the compatibility table refuses impossible combinations here, before any weight loads
+        compat.check(self.adapter, quantization, gradient_checkpointing, quant_storage, dtype,
+                     upcast_norms=upcast_norms, compute_dtype=compute_dtype)
         self.gradient_checkpointing = gradient_checkpointing
         self.upcast_norms = upcast_norms
         self.upcast_embeddings = upcast_embeddings
@@ -194,6 +202,13 @@ class QPeftModule(LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         quant_storage, upcast_norms = self._storage_for_strategy()
+        if quant_storage != self.quant_storage:  # "auto" resolved (a float dtype under FSDP): check it again
+            compat.check(self.adapter, self.quantization, self.gradient_checkpointing, quant_storage, self.dtype_name,
+                         upcast_norms=upcast_norms, compute_dtype=self.compute_dtype)
+        compat.check_device(self.adapter, self.quantization, device)
+        if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None and self._fitting():
+            # AdaLoRA's rank schedule is laid out over the run's optimizer steps, which only the trainer knows
+            self.adapter = with_total_steps(self.adapter, int(self.trainer.estimated_stepping_batches))
         base = load_base_model(
             self.base_model,
             quantization=self.quantization,
@@ -205,7 +220,9 @@ class QPeftModule(LightningModule):
             trust_remote_code=self.trust_remote_code,
         )
         base = prepare_base(base, self.gradient_checkpointing, upcast_norms, self.upcast_embeddings)
-        self.model = attach_adapter(base, self.adapter, self.adapter_path)
+        path = resolve_base_model(self.base_model)
+        base_path = path if Path(path).is_dir() else None  # LoftQ reads the unquantized weights from here
+        self.model = attach_adapter(base, self.adapter, self.adapter_path, base_path=base_path)
         self.loss_impl = resolve_loss(self.loss, device)
         if self.loss_impl != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
@@ -240,20 +257,23 @@ class QPeftModule(LightningModule):
         # one dtype per FSDP flat parameter: norms stay in the weights' dtype
         return (param_dtype if mode.is_4bit else "uint8"), False
 
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit"
+
+    def setup(self, stage: str) -> None:
+        # runs before configure_model: refuse what the data settings make impossible before weights load
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        compat.check(self.adapter, self.quantization, self.gradient_checkpointing, self.quant_storage,
+                     self.dtype_name, packing=bool(getattr(datamodule, "packing", False)),
+                     upcast_norms=self.upcast_norms, compute_dtype=self.compute_dtype)
+
     @property
     def method(self) -> str:
         return method_name(self.adapter)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; packed 4-bit weights counted as the weights they stand for."""
-        trainable = total = 0
-        for p in self.model.parameters():
-            n = p.numel()
-            if p.__class__.__name__ == "Params4bit":
-                n = math.prod(p.quant_state.shape) if p.quant_state is not None else n * 2
-            total += n
-            trainable += n if p.requires_grad else 0
-        return trainable, total
+        return count_parameters(self.model)
 
     def trainable_names(self) -> list[str]:
         """State-dict keys of the trainable parameters (the checkpoint's content), without wrapper prefixes."""
@@ -361,8 +381,28 @@ class QPeftModule(LightningModule):
         self.print(f"adapter {self.method}: {trainable:,} trainable of {total:,} parameters "
                    f"({100 * trainable / max(total, 1):.3f} %)")
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the step has run; Lightning counts it (global_step += 1) only after this hook returns, and zeroes
+        # the gradients only before the next step, so global_step is this step's 0-based index here
+        self.after_optimizer_step(self.trainer.global_step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Per-method work after optimizer step `step` (0-based), while the gradients are still there.
+
+        AdaLoRA scores each rank's importance from weight x gradient and masks the least important ones
+        (peft: "call update_and_allocate after backward and optimizer.step, before zero_grad").
+        """
+        if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None:
+            self.model.base_model.update_and_allocate(step)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params and self.adapter_path is not None and self.adapter.is_prompt_learning:
+            raise ValueError(
+                f"model.adapter_path: {self.method} adapters load for evaluation only (peft cannot make a "
+                "trained prompt-learning adapter trainable again); train a new one with model.adapter"
+            )
         if not params:
             raise ValueError(
                 f"model.adapter: {self.method} leaves nothing to train; set model.adapter "
