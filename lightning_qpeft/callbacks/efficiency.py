@@ -133,6 +133,8 @@ class EfficiencyMonitor(Callback):
         self.history: list[dict[str, float]] = []
         self.start_step: Optional[int] = None  # the step the measurement started at (None: not measuring)
         self.totals = dict.fromkeys((*COUNTERS, "seconds", "steps"), 0.0)
+        self.paused = 0.0
+        self.pause_start: Optional[float] = None  # validate/test outside fit never pause a measurement
 
     # --------------------------------------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

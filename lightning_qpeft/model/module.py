@@ -370,11 +370,6 @@ class QPeftModule(LightningModule):
         self.model.train()
 
     def on_fit_start(self) -> None:
-        if getattr(self.trainer.datamodule, "packing", False) and getattr(self.adapter, "is_prompt_learning", False):
-            raise ValueError(
-                f"data.packing: {self.method} puts its virtual tokens in front of each row, so every record "
-                "packed into the row would share them; set data.packing=false for prompt-learning adapters"
-            )
         trainable, total = self.parameter_counts()
         if self.logger is not None:
             self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
