@@ -8,7 +8,9 @@ import importlib
 import sys
 
 # command -> "module:function"; each function parses its own arguments
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "study": "lightning_qpeft.study.cli:main",
+}
 
 
 def main() -> None:
