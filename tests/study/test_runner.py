@@ -30,7 +30,7 @@ def mini_spec(model_dir: str, out: Path) -> StudySpec:
         args=["--model.base_model", model_dir, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
               "--data.max_train_records", "64", "--data.batch_size", "4", "--trainer.limit_val_batches", "1",
               "--trainer.limit_test_batches", "1"],
-        evaluate=["test"], report={"baseline": "none", "metrics": ["val/loss", "test/loss"]})
+        evaluate=["test"], report={"baseline": "none", "metrics": ["val/loss", "test/loss"], "bars": ["val/loss"]})
 
 
 def tracked(runner: StudyRunner) -> list:
@@ -226,3 +226,41 @@ def test_precheck_accepts_every_shipped_study_cell(tiny_model_dir):
             assert runner.precheck(cells) == {}, name
         finally:
             os.chdir(cwd)
+
+
+def test_killing_the_study_kills_its_running_cell(tmp_path):
+    """SIGKILL to the study process: its cell's process dies with it (no orphan holding memory), and the
+    cell, never marked finished, runs again on the next invocation."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    python = fake_python(tmp_path, 'echo $$ > "$(dirname "$3")/child.pid"; exec sleep 60')
+    script = ("from lightning_qpeft.study.config import StudySpec\n"
+              "from lightning_qpeft.study.runner import StudyRunner\n"
+              f"spec = StudySpec(base_config='configs/tiny.yaml', axes={{'model.quantization': ['nf4']}}, output_dir={str(out)!r})\n"
+              f"StudyRunner(spec, precheck=False, python={python!r}).run()\n")
+    study = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    pid_files = []
+    for _ in range(200):
+        pid_files = list(out.glob("cells/*/child.pid"))
+        if pid_files and pid_files[0].read_text().strip():
+            break
+        time.sleep(0.1)
+    child = int(pid_files[0].read_text())
+    os.kill(child, 0)  # running
+    study.send_signal(signal.SIGKILL)
+    study.wait()
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the cell outlived the study")
+    assert not list(out.glob("cells/*/result.json"))
+    spec = StudySpec(base_config="configs/tiny.yaml", axes={"model.quantization": ["nf4"]}, output_dir=str(out))
+    assert len(StudyRunner(spec).pending()) == 1
