@@ -6,9 +6,10 @@ fit, or the evaluation after it), except `perf/peak_memory_gib`, whose maximum i
 log (a metric its config does not compute) are simply absent; every `section/name` tag a run logs becomes a
 column, so new metrics appear without changes here.
 
-Besides the logs, the runner measures from outside: `wall_time_s` (the cell's process, start to exit) and
-`peak_rss_gib` (the process's peak resident memory, `ru_maxrss` of `os.wait4` on that one child: CPU memory
-of the whole process, Python and libraries included). `peak_cuda_gib` is the process's
+Besides the logs, the runner measures from outside: `wall_time_s` (the cell's process, start to exit),
+`cpu_time_s` (its user + system CPU time: unlike wall time, barely moved by other processes on the machine)
+and `peak_rss_gib` (its peak resident memory), both from `os.wait4`'s rusage of that one child (`ru_maxrss`:
+CPU memory of the whole process, Python and libraries included). `peak_cuda_gib` is the process's
 `torch.cuda.max_memory_allocated`, written by the cell itself.
 """
 
@@ -24,7 +25,7 @@ QUALITY_METRICS = ("val/loss", "val/ppl", "test/loss", "test/rouge1", "test/roug
                    "mmlu/accuracy", "mmlu/accuracy_macro")
 COST_METRICS = ("params/trainable", "params/total", "adapter/size_bytes", "perf/peak_memory_gib",
                 "perf/tokens_per_s", "perf/supervised_tokens_per_s", "perf/step_time", "perf/mfu")
-RUNNER_METRICS = ("wall_time_s", "peak_rss_gib", "peak_cuda_gib")
+RUNNER_METRICS = ("wall_time_s", "cpu_time_s", "peak_rss_gib", "peak_cuda_gib")
 KNOWN_METRICS = QUALITY_METRICS + COST_METRICS + ("train/loss",)
 REDUCE_MAX = ("perf/peak_memory_gib",)
 
@@ -39,7 +40,7 @@ def is_refusal(error: BaseException | str) -> bool:
 
 def higher_is_better(metric: str) -> bool:
     """Direction of a metric: losses, perplexities, memory and time go down; the rest goes up."""
-    low = ("loss", "ppl", "memory", "rss", "cuda", "time", "size", "params/", "step_time")
+    low = ("loss", "ppl", "memory", "rss", "cuda", "time_s", "size", "params/", "step_time")
     return not any(s in metric for s in low)
 
 

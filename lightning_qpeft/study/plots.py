@@ -2,7 +2,8 @@
 
     quality_vs_memory.png      `report.quality` against peak memory, one point a finished cell, the Pareto
                                front (no other cell is both leaner and better) drawn and its points ringed
-    quality_vs_throughput.png  the same against perf/tokens_per_s (or, when no run logs it, wall_time_s)
+    quality_vs_throughput.png  the same against perf/tokens_per_s (when no run logs it: the cell's CPU time,
+                               else its wall time)
     bar_<metric>.png           one bar a cell, per metric of `report.bars`
 
 Memory is `perf/peak_memory_gib` when the runs log it, else the cell process's `peak_cuda_gib`, else its
@@ -26,10 +27,11 @@ MEMORY_SOURCES = {
 }
 SPEED_SOURCES = {
     "perf/tokens_per_s": "training throughput, tokens/s (perf/tokens_per_s)",
-    "wall_time_s": "wall time of the cell, s (perf/tokens_per_s not logged)",
+    "cpu_time_s": "CPU time of the cell's process, s (perf/tokens_per_s not logged)",
+    "wall_time_s": "wall time of the cell's process, s (perf/tokens_per_s not logged)",
 }
 EFFICIENCY_BARS = ("perf/peak_memory_gib", "perf/tokens_per_s", "perf/mfu", "adapter/size_bytes",
-                   "params/trainable", "peak_rss_gib", "wall_time_s")
+                   "params/trainable", "peak_rss_gib", "wall_time_s", "cpu_time_s")
 
 
 def pareto_front(points: list[tuple[float, float]], x_lower: bool = True, y_lower: bool = True) -> list[int]:

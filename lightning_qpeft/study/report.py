@@ -148,6 +148,12 @@ def pivot_table(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) ->
     return _md_table(header, table)
 
 
+def _table_or_absence(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) -> str:
+    if any(r["status"] == "done" and r.get(metric) is not None for r in rows):
+        return pivot_table(runner, rows, metric)
+    return f"No finished cell logged `{metric}` (its runs do not compute it)."
+
+
 def _axis_labels(runner: StudyRunner, axis: str) -> list[str]:
     out: list[str] = []
     for c in runner.cells:
@@ -210,7 +216,7 @@ def markdown_report(runner: StudyRunner, rows: list[dict[str, Any]], plot_files:
         direction = "higher is better" if higher_is_better(metric) else "lower is better"
         meaningless = not spec.quality_meaningful and metric in QUALITY_METRICS
         parts += [f"## {metric} ({direction}{'; not meaningful: random weights' if meaningless else ''})", "",
-                  pivot_table(runner, rows, metric), ""]
+                  _table_or_absence(runner, rows, metric), ""]
     lines = baseline_lines(runner, rows, spec.report.quality)
     if lines:
         parts += [f"## Compared with {spec.report.baseline}", "", *lines, ""]
@@ -226,10 +232,11 @@ def markdown_report(runner: StudyRunner, rows: list[dict[str, Any]], plot_files:
         parts += [""]
     if plot_files:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plot_files] + [""]
-    parts += ["Peak memory: `perf/peak_memory_gib` where the runs log it (GPU); `peak_cuda_gib`: the cell process's "
+    parts += ["n/a: the cell finished without logging the metric. Peak memory: `perf/peak_memory_gib` where the runs log it (GPU); `peak_cuda_gib`: the cell process's "
               "torch.cuda.max_memory_allocated; `peak_rss_gib`: the cell process's peak resident memory "
               "(ru_maxrss of os.wait4: CPU memory of the whole process, Python and libraries included). "
-              "`wall_time_s`: the cell's process from start to exit (imports, loading, fit, evaluation).", ""]
+              "`wall_time_s`: the cell's process from start to exit (imports, loading, fit, evaluation); `cpu_time_s`: "
+              "its user + system CPU time (less sensitive to other load on the machine).", ""]
     return "\n".join(parts)
 
 
@@ -253,7 +260,7 @@ def readme_section(runner: StudyRunner, rows: list[dict[str, Any]], assets_rel: 
     parts = [*caveats(runner), f"{summary_line(rows)}.", ""]
     for metric in spec.report.metrics:
         parts += [f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better):", "",
-                  pivot_table(runner, rows, metric), ""]
+                  _table_or_absence(runner, rows, metric), ""]
     lines = baseline_lines(runner, rows, spec.report.quality)
     if lines:
         parts += [f"Compared with {spec.report.baseline}:", "", *lines, ""]

@@ -21,6 +21,7 @@ only show when the model is built are recognised in the cell's process (`cell.py
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -102,6 +103,15 @@ class StudyRunner:
     # ------------------------------------------------------------------------------ running
     def run(self) -> list[Optional[dict[str, Any]]]:
         """Run the missing cells (at most `max_cells`), then return every cell's result (None: not run)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / ".lock", "w") as lock:
+            try:  # two processes running one study would run the same cells into the same folders
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"output_dir: another process is running the study in {self.out}") from None
+            return self._run()
+
+    def _run(self) -> list[Optional[dict[str, Any]]]:
         from lightning_qpeft.study.report import write_reports
 
         todo = self.pending()
@@ -162,15 +172,16 @@ class StudyRunner:
                 "evaluate": list(self.spec.evaluate)}
         with atomic_file(cdir / "cell.json", "w") as f:
             json.dump(spec, f, indent=1)
-        returncode, wall, rss_gib = self.launch(cdir)
+        returncode, wall, usage = self.launch(cdir)
         res = collect_cell(cdir, returncode)
-        res["metrics"]["peak_rss_gib"] = rss_gib
+        res["metrics"].update(usage)
         if returncode is None:
             res.update(status="failed", error=f"timed out after {self.spec.cell_timeout_s:.0f} s")
         return self._finish(cell, res, wall)
 
-    def launch(self, cdir: Path) -> tuple[Optional[int], float, float]:
-        """Run the cell's process; (exit status or None if it timed out, wall seconds, peak RSS GiB)."""
+    def launch(self, cdir: Path) -> tuple[Optional[int], float, dict[str, float]]:
+        """Run the cell's process: (exit status, None if it timed out; wall seconds; peak_rss_gib and
+        cpu_time_s of that process)."""
         env = dict(os.environ)
         # the cells import the same lightning_qpeft as this process, wherever the study was started from
         root = str(Path(lightning_qpeft.__file__).resolve().parents[1])
@@ -201,7 +212,8 @@ class StudyRunner:
                     timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB, macOS: bytes
-        return (None if timed_out.is_set() else proc.returncode), time.perf_counter() - start, rss / 2**30
+        measured = {"peak_rss_gib": rss / 2**30, "cpu_time_s": usage.ru_utime + usage.ru_stime}
+        return (None if timed_out.is_set() else proc.returncode), time.perf_counter() - start, measured
 
     def _finish(self, cell: Cell, res: dict[str, Any], wall_time: Optional[float]) -> dict[str, Any]:
         from lightning_qpeft.study.hparams import write_hparams

@@ -264,3 +264,13 @@ def test_killing_the_study_kills_its_running_cell(tmp_path):
     assert not list(out.glob("cells/*/result.json"))
     spec = StudySpec(base_config="configs/tiny.yaml", axes={"model.quantization": ["nf4"]}, output_dir=str(out))
     assert len(StudyRunner(spec).pending()) == 1
+
+
+def test_one_study_folder_one_process(tmp_path):
+    import fcntl
+
+    spec = StudySpec(base_config="configs/tiny.yaml", axes={"model.quantization": ["nf4"]}, output_dir=str(tmp_path))
+    with open(tmp_path / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="output_dir: another process is running the study"):
+            StudyRunner(spec, precheck=False).run()
