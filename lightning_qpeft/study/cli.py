@@ -1,6 +1,7 @@
 """`python -m lightning_qpeft study`: run a study from its YAML, resume it, report it.
 
     python -m lightning_qpeft study --config configs/study/tiny.yaml [--rerun failed] [--max_cells N]
+    python -m lightning_qpeft study --config configs/study/device-efficiency.yaml --devices [0,1,2,3]
     python -m lightning_qpeft study --config configs/study/tiny.yaml --report_only true --readme README.md
 
 The study config's keys are `StudySpec`'s (see config.py, or `--help`); every key can also be given or
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -32,6 +33,9 @@ def build_parser() -> ArgumentParser:
                         help="run at most this many missing cells now (the rest on the next invocation)")
     parser.add_argument("--precheck", type=bool, default=True,
                         help="instantiate each cell's config in this process first; refusals cost no run")
+    parser.add_argument("--devices", type=Optional[list[Union[int, str]]], default=None,
+                        help="CUDA devices to run cells on concurrently, one cell per device, e.g. [0,1,2,3]; "
+                             "default: one cell at a time")
     parser.add_argument("--dry_run", type=bool, default=False, help="list the cells and their arguments; run nothing")
     parser.add_argument("--report_only", type=bool, default=False, help="rewrite the outputs from finished cells")
     parser.add_argument("--readme", type=Optional[str], default=None,
@@ -53,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if spec.name is None:
         configs = cfg.get("config") or []
         spec.name = Path(str(configs[-1])).stem if configs else "study"
-    runner = StudyRunner(spec, rerun=cfg.rerun, max_cells=cfg.max_cells, precheck=cfg.precheck)
+    runner = StudyRunner(spec, rerun=cfg.rerun, max_cells=cfg.max_cells, precheck=cfg.precheck, devices=cfg.devices)
     if cfg.dry_run:
         for cell in runner.cells:
             state = (runner.result(cell) or {}).get("status", "not run")

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -62,10 +64,13 @@ class StudyRunner:
         precheck: instantiate each cell's config in this process first and record refusals without a run.
         python: the interpreter of the cells' processes.
         log: where progress lines go.
+        devices: CUDA device ids; cells run concurrently, one per device (CUDA_VISIBLE_DEVICES); None: one
+            cell at a time, devices as the environment has them.
     """
 
     def __init__(self, spec: StudySpec, rerun: str = "none", max_cells: Optional[int] = None,
-                 precheck: bool = True, python: str = sys.executable, log: Callable[[str], None] = print) -> None:
+                 precheck: bool = True, python: str = sys.executable, log: Callable[[str], None] = print,
+                 devices: Optional[list[str]] = None) -> None:
         if rerun not in RERUN:
             raise ValueError(f"rerun: {rerun!r}; choose one of {', '.join(RERUN)}")
         self.spec = spec
@@ -76,6 +81,10 @@ class StudyRunner:
         self.precheck_enabled = precheck
         self.python = python
         self.log = log
+        self.devices = [str(d) for d in devices or []]
+        self._lock = threading.RLock()  # progress lines, reports and the set of live processes
+        self._live: set[subprocess.Popen] = set()
+        self._done = 0
 
     # ------------------------------------------------------------------------------ layout
     def cell_dir(self, cell: Cell) -> Path:
@@ -114,25 +123,68 @@ class StudyRunner:
     def _run(self) -> list[Optional[dict[str, Any]]]:
         from lightning_qpeft.study.report import write_reports
 
+        self._done = 0
         todo = self.pending()
         if self.max_cells is not None:
             todo = todo[: self.max_cells]
         self.log(f"study {self.spec.name}: {len(self.cells)} cells, {len(self.cells) - len(self.pending())} "
                  f"finished, running {len(todo)} -> {self.out}")
         refused = self.precheck(todo) if self.precheck_enabled and todo else {}
-        for i, cell in enumerate(todo, 1):
-            if cell.id in refused:
-                shutil.rmtree(self.cell_dir(cell), ignore_errors=True)
-                res = self._finish(cell, {"status": "refused", "error": refused[cell.id], "error_tail": "",
-                                          "metrics": {}, "config": ""}, wall_time=None)
-            else:
-                res = self.run_cell(cell)
-            self.log(f"[{i}/{len(todo)}] {cell.id}: {res['status']}"
-                     + (f" in {res['metrics'].get('wall_time_s', 0):.0f} s" if res["status"] != "refused" else "")
-                     + (f" ({res['error'][:200]})" if res["error"] else ""))
-            write_reports(self, plots=False)
+        for cell in [c for c in todo if c.id in refused]:
+            shutil.rmtree(self.cell_dir(cell), ignore_errors=True)
+            res = self._finish(cell, {"status": "refused", "error": refused[cell.id], "error_tail": "",
+                                      "metrics": {}, "config": ""}, wall_time=None)
+            self._report_progress(cell, res, len(todo))
+        runnable = [c for c in todo if c.id not in refused]
+        if len(self.devices) <= 1:
+            env = {"CUDA_VISIBLE_DEVICES": self.devices[0]} if self.devices else {}
+            for cell in runnable:
+                self._report_progress(cell, self.run_cell(cell, env), len(todo))
+        else:
+            self._run_parallel(runnable, len(todo))
         write_reports(self, plots=True)
         return [self.result(c) for c in self.cells]
+
+    def _run_parallel(self, cells: list[Cell], total: int) -> None:
+        """One cell per device at a time (CUDA_VISIBLE_DEVICES set to it): each still has a process and a
+        GPU of its own, so its memory figures stay its own."""
+        free: queue.Queue = queue.Queue()
+        for d in self.devices:
+            free.put(d)
+
+        def work(cell: Cell) -> None:
+            device = free.get()
+            try:
+                res = self.run_cell(cell, {"CUDA_VISIBLE_DEVICES": device})
+            finally:
+                free.put(device)
+            self._report_progress(cell, res, total)
+
+        pool = ThreadPoolExecutor(max_workers=len(self.devices), thread_name_prefix="cell")
+        futures = [pool.submit(work, c) for c in cells]
+        try:
+            for f in as_completed(futures):
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            with self._lock:
+                for proc in list(self._live):
+                    proc.kill()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _report_progress(self, cell: Cell, res: dict[str, Any], total: int) -> None:
+        from lightning_qpeft.study.report import write_reports
+
+        with self._lock:
+            self._done += 1
+            wall = res["metrics"].get("wall_time_s")
+            self.log(f"[{self._done}/{total}] {cell.id}: {res['status']}"
+                     + (f" in {wall:.0f} s" if wall is not None else "")
+                     + (f" ({res['error'][:200]})" if res["error"] else ""))
+            write_reports(self, plots=False)
 
     def precheck(self, cells: list[Cell]) -> dict[str, str]:
         """Instantiate each cell's config here (no weights, no logger); cell id -> why it was refused."""
@@ -163,7 +215,7 @@ class StudyRunner:
                     lg.setLevel(level)
         return refused
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
+    def run_cell(self, cell: Cell, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
         """Run one cell in its own process, collect it, and mark it finished."""
         cdir = self.cell_dir(cell)
         shutil.rmtree(cdir, ignore_errors=True)  # a half-run cell from a killed study starts over
@@ -172,14 +224,14 @@ class StudyRunner:
                 "evaluate": list(self.spec.evaluate)}
         with atomic_file(cdir / "cell.json", "w") as f:
             json.dump(spec, f, indent=1)
-        returncode, wall, usage = self.launch(cdir)
+        returncode, wall, usage = self.launch(cdir, env or {})
         res = collect_cell(cdir, returncode)
         res["metrics"].update(usage)
         if returncode is None:
             res.update(status="failed", error=f"timed out after {self.spec.cell_timeout_s:.0f} s")
         return self._finish(cell, res, wall)
 
-    def launch(self, cdir: Path) -> tuple[Optional[int], float, dict[str, float]]:
+    def launch(self, cdir: Path, extra_env: Optional[dict[str, str]] = None) -> tuple[Optional[int], float, dict[str, float]]:
         """Run the cell's process: (exit status, None if it timed out; wall seconds; peak_rss_gib and
         cpu_time_s of that process)."""
         env = dict(os.environ)
@@ -187,11 +239,14 @@ class StudyRunner:
         root = str(Path(lightning_qpeft.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra_env or {})
         start = time.perf_counter()
         timed_out = threading.Event()
         with open(cdir / "output.log", "wb") as out:
             proc = subprocess.Popen([self.python, "-m", "lightning_qpeft.study.cell", str(cdir / "cell.json")],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+            with self._lock:
+                self._live.add(proc)
             timer = None
             if self.spec.cell_timeout_s:
                 def _kill() -> None:
@@ -210,6 +265,8 @@ class StudyRunner:
             finally:
                 if timer is not None:
                     timer.cancel()
+                with self._lock:
+                    self._live.discard(proc)
         proc.returncode = os.waitstatus_to_exitcode(status)
         rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB, macOS: bytes
         measured = {"peak_rss_gib": rss / 2**30, "cpu_time_s": usage.ru_utime + usage.ru_stime}

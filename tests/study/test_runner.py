@@ -37,9 +37,9 @@ def tracked(runner: StudyRunner) -> list:
     """Record which cells get a process."""
     launched, launch = [], runner.launch
 
-    def spy(cdir):
+    def spy(cdir, *args):
         launched.append(cdir.name)
-        return launch(cdir)
+        return launch(cdir, *args)
 
     runner.launch = spy
     return launched
@@ -73,7 +73,7 @@ def study(tiny_model_dir, tmp_path_factory):
 
     # 3) everything finished: a third invocation starts no process
     third = StudyRunner(spec, log=state.setdefault("log_3", []).append)
-    third.launch = lambda cdir: pytest.fail(f"finished cell {cdir.name} was run again")
+    third.launch = lambda cdir, *a: pytest.fail(f"finished cell {cdir.name} was run again")
     t0 = time.perf_counter()
     state["results_3"] = third.run()
     state["seconds_3"] = time.perf_counter() - t0
@@ -274,3 +274,24 @@ def test_one_study_folder_one_process(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(RuntimeError, match="output_dir: another process is running the study"):
             StudyRunner(spec, precheck=False).run()
+
+
+def test_cells_run_concurrently_one_per_device(tmp_path):
+    spec = StudySpec(base_config="configs/tiny.yaml", axes={"model.quantization": ["none", "nf4", "fp4", "int8"]},
+                     output_dir=str(tmp_path / "s"))
+    python = fake_python(tmp_path, 'd="$(dirname "$3")"; echo "$CUDA_VISIBLE_DEVICES $(date +%s.%N)" > "$d/start"; '
+                                   'sleep 1; echo "$(date +%s.%N)" > "$d/end"')
+    results = StudyRunner(spec, precheck=False, python=python, log=lambda s: None, devices=["0", "1"]).run()
+    assert [r["status"] for r in results] == ["done"] * 4
+    spans = []
+    for cdir in (tmp_path / "s" / "cells").iterdir():
+        device, start = (cdir / "start").read_text().split()
+        spans.append((device, float(start), float((cdir / "end").read_text())))
+    assert sorted(d for d, _, _ in spans) == ["0", "0", "1", "1"]
+    overlaps = 0
+    for i, (d1, s1, e1) in enumerate(spans):  # cells that overlap in time never share a device
+        for d2, s2, e2 in spans[i + 1:]:
+            if s1 < e2 and s2 < e1:
+                overlaps += 1
+                assert d1 != d2
+    assert overlaps >= 1  # and some did run at the same time
