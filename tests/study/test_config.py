@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_qpeft.study.cli import build_parser, main
+from lightning_qpeft.study.cli import build_parser
 from lightning_qpeft.study.config import CellArgs, StudyError, StudySpec, expand, value_label
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,11 +104,3 @@ def test_study_configs_parse_and_expand():
     assert sizes["tiny"] == 16
     assert sizes["qlora-table4"] == 24  # 3 data types x 4 sizes x 2 datasets, as QLoRA's Table 4
     assert sizes["device-efficiency"] == 12
-
-
-def test_dry_run_lists_cells(capsys, tmp_path):
-    main(["--config", str(ROOT / "configs" / "study" / "tiny.yaml"), "--output_dir", str(tmp_path), "--dry_run", "true"])
-    out = capsys.readouterr().out
-    assert out.count("[not run]") == 16
-    assert "python -m lightning_qpeft fit --config configs/tiny.yaml --trainer.enable_progress_bar false" in out
-    assert not any(tmp_path.iterdir())
