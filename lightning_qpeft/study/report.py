@@ -163,12 +163,14 @@ def _axis_labels(runner: StudyRunner, axis: str) -> list[str]:
 
 
 def baseline_lines(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) -> list[str]:
-    """How each row label compares with the baseline label on `metric`, over cells equal in every other axis."""
+    """How each row label compares with the baseline label on `metric`: the relative difference of cells equal
+    in every other axis, averaged, then per column of the table."""
     spec = runner.spec
     base, axis = spec.report.baseline, spec.row_axis
     if base is None:
         return []
     others = [a for a in spec.axes if a != axis]
+    columns = [a for a in spec.column_axes if a != axis]
 
     def key(r: dict[str, Any]) -> tuple:
         return tuple(r.get(a) for a in others) + (r.get("extra"),)
@@ -179,16 +181,23 @@ def baseline_lines(runner: StudyRunner, rows: list[dict[str, Any]], metric: str)
     for lab in _axis_labels(runner, axis):
         if lab == base:
             continue
-        pairs = [(r[metric], base_by_key[key(r)]) for r in done if r.get(axis) == lab and key(r) in base_by_key]
+        pairs = [(r, 100 * (r[metric] - base_by_key[key(r)]) / abs(base_by_key[key(r)])) for r in done
+                 if r.get(axis) == lab and key(r) in base_by_key and base_by_key[key(r)] != 0]
         if not pairs:
             out.append(f"- {lab}: no finished cell to compare with {base}")
             continue
-        rel = [100 * (v - b) / abs(b) for v, b in pairs if b != 0]
-        mv, mb = statistics.mean(v for v, _ in pairs), statistics.mean(b for _, b in pairs)
-        spread = f"; per cell {min(rel):+.1f} % to {max(rel):+.1f} %" if len(rel) > 1 else ""
-        out.append(f"- {lab}: {metric} {fmt(metric, mv)} vs {fmt(metric, mb)} for {base} "
-                   f"({statistics.mean(rel):+.1f} % on average over {len(pairs)} paired cell(s){spread})")
+        by_column: dict[str, list[float]] = {}
+        for r, rel in pairs:
+            name = " / ".join(filter(None, [*(str(r.get(a)) for a in columns), r.get("extra")]))
+            by_column.setdefault(name, []).append(rel)
+        detail = ", ".join(f"{name} {_pct(statistics.mean(v))}" for name, v in by_column.items() if name)
+        out.append(f"- {lab}: {metric} {_pct(statistics.mean(rel for _, rel in pairs))} vs {base} on average over "
+                   f"{len(pairs)} paired cell(s)" + (f"; {detail}" if detail else ""))
     return out
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.1f} %" if round(value, 1) != 0 else "+0.0 %"  # never "-0.0 %"
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:
@@ -204,6 +213,11 @@ def caveats(runner: StudyRunner) -> list[str]:
         out.append("> **Quality columns are not meaningful here** (" + ", ".join(QUALITY_METRICS[:3]) +
                    ", ...): the weights are random; read this study for memory, speed and size only.")
     return out
+
+
+def _failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"- `{r['cell']}` ({r['status']}): {r['error'].splitlines()[0] if r['error'] else ''}"
+            for r in rows if r["status"] in ("failed", "refused")]
 
 
 def markdown_report(runner: StudyRunner, rows: list[dict[str, Any]], plot_files: list[str]) -> str:
@@ -224,12 +238,9 @@ def markdown_report(runner: StudyRunner, rows: list[dict[str, Any]], plot_files:
     parts += ["## Every cell", "", _md_table(
         ["cell", "status", *present],
         [[r["cell"], r["status"], *(fmt(m, r[m]) if r.get(m) is not None else "" for m in present)] for r in rows]), ""]
-    failures = [r for r in rows if r["status"] in ("failed", "refused")]
+    failures = _failure_lines(rows)
     if failures:
-        parts += ["## Failed and refused cells", ""]
-        parts += [f"- `{r['cell']}` ({r['status']}): {r['error'].splitlines()[0] if r['error'] else ''}"
-                  for r in failures]
-        parts += [""]
+        parts += ["## Failed and refused cells", "", *failures, ""]
     if plot_files:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plot_files] + [""]
     parts += ["n/a: the cell finished without logging the metric. Peak memory: `perf/peak_memory_gib` where the runs log it (GPU); `peak_cuda_gib`: the cell process's "
@@ -264,6 +275,9 @@ def readme_section(runner: StudyRunner, rows: list[dict[str, Any]], assets_rel: 
     lines = baseline_lines(runner, rows, spec.report.quality)
     if lines:
         parts += [f"Compared with {spec.report.baseline}:", "", *lines, ""]
+    failures = _failure_lines(rows)
+    if failures:
+        parts += ["Failed and refused cells:", "", *failures, ""]
     for stem in spec.report.readme_plots:
         parts += [f"![{stem}]({assets_rel}/{stem}.png)", ""]
     return "\n".join(parts).rstrip() + "\n"
