@@ -295,3 +295,14 @@ def test_cells_run_concurrently_one_per_device(tmp_path):
                 overlaps += 1
                 assert d1 != d2
     assert overlaps >= 1  # and some did run at the same time
+
+
+def test_precheck_refuses_what_the_run_would_refuse(tiny_model_dir):
+    spec = StudySpec(base_config=str(ROOT / "configs" / "tiny.yaml"),
+                     axes={"model.quantisation": ["nf4"], "model.adapter.init_args.r": [8, "eight"]},
+                     args=["--model.base_model", tiny_model_dir])
+    runner = StudyRunner(spec)
+    refused = runner.precheck(runner.cells)
+    first, second = (refused[c.id] for c in runner.cells)
+    assert first == "configuration: error: unrecognized arguments: --model.quantisation nf4"
+    assert second.startswith('configuration: error: Parser key "model.adapter"') and "Got value: eight" in second
