@@ -104,3 +104,4 @@ def test_study_configs_parse_and_expand():
     assert sizes["tiny"] == 16
     assert sizes["qlora-table4"] == 24  # 3 data types x 4 sizes x 2 datasets, as QLoRA's Table 4
     assert sizes["device-efficiency"] == 12
+    assert sizes["tiny-seeds"] == 9

@@ -211,14 +211,15 @@ def test_precheck_accepts_every_shipped_study_cell(tiny_model_dir):
     from lightning_qpeft.study.cli import build_parser
 
     parser = build_parser()
-    for name, n in (("tiny", 4), ("device-efficiency", 3), ("qlora-table4", 2)):
+    for name, n in (("tiny", 4), ("tiny-seeds", 1), ("device-efficiency", 3), ("qlora-table4", 2)):
         raw = parser.parse_args(["--config", str(ROOT / "configs" / "study" / f"{name}.yaml"),
                                  f"--args+=--model.base_model={tiny_model_dir}",
                                  "--args+=--trainer.accelerator=cpu", "--args+=--data.task=synthetic-e2e"]).as_dict()
         spec = StudySpec(**{k: raw[k] for k in StudySpec.__dataclass_fields__})
         runner = StudyRunner(spec)
-        # the last row's cells (int8, nf4-dq: quantized); qlora-table4's Alpaca cells need the hub task
-        cells = [c for c in runner.cells if c.labels[spec.row_axis] == runner.cells[-1].labels[spec.row_axis]
+        # the second row's cells (the first quantized one); qlora-table4's Alpaca cells need the hub task
+        second_row = list(dict.fromkeys(c.labels[spec.row_axis] for c in runner.cells))[1]
+        cells = [c for c in runner.cells if c.labels[spec.row_axis] == second_row
                  and c.labels.get("dataset") != "alpaca"][:n]
         cwd = os.getcwd()
         try:
