@@ -10,6 +10,7 @@ import sys
 # command -> "module:function"; each function parses its own arguments
 COMMANDS: dict[str, str] = {
     "merge": "lightning_qpeft.merge:main",  # adapter + dequantized base -> plain model folder
+    "study": "lightning_qpeft.study.cli:main",  # a grid of runs, one process a cell, and its report
 }
 
 

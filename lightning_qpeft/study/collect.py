@@ -1,0 +1,127 @@
+"""Read a finished cell: its TensorBoard scalars, resolved config and error, as one flat result.
+
+A cell's numbers come from the event files its run wrote (tensorboard's `EventAccumulator`), so results.csv
+holds exactly what TensorBoard shows. Each tag is reduced to one number: its last logged value (the end of
+fit, or the evaluation after it), except `perf/peak_memory_gib`, whose maximum is kept. Tags a run did not
+log (a metric its config does not compute) are simply absent; every `section/name` tag a run logs becomes a
+column, so new metrics appear without changes here.
+
+Besides the logs, the runner measures from outside: `wall_time_s` (the cell's process, start to exit),
+`cpu_time_s` (its user + system CPU time: unlike wall time, barely moved by other processes on the machine)
+and `peak_rss_gib` (its peak resident memory), both from `os.wait4`'s rusage of that one child (`ru_maxrss`:
+CPU memory of the whole process, Python and libraries included). `peak_cuda_gib` is the process's
+`torch.cuda.max_memory_allocated`, written by the cell itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+# The metrics the report knows by name (the project's fixed tags), in the order of results.csv's columns.
+QUALITY_METRICS = ("val/loss", "val/ppl", "test/loss", "test/rouge1", "test/rouge2", "test/rougeL", "test/bleu",
+                   "mmlu/accuracy", "mmlu/accuracy_macro")
+COST_METRICS = ("params/trainable", "params/total", "adapter/size_bytes", "perf/peak_memory_gib",
+                "perf/tokens_per_s", "perf/supervised_tokens_per_s", "perf/step_time", "perf/mfu")
+RUNNER_METRICS = ("wall_time_s", "cpu_time_s", "peak_rss_gib", "peak_cuda_gib")
+KNOWN_METRICS = QUALITY_METRICS + COST_METRICS + ("train/loss",)
+REDUCE_MAX = ("perf/peak_memory_gib",)
+
+# "model.adapter: ...", "data.path: ...", "ckpt_path: ...": the project's refusals name the key first
+_REFUSAL = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|ckpt_path|seed_everything)(?:\[[^\]]*\])?: ")
+
+
+def is_refusal(error: BaseException | str) -> bool:
+    """Whether an error is one of the project's up-front refusals (its message opens with a config key)."""
+    return bool(_REFUSAL.match(str(error).strip()))
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric: losses, perplexities, memory and time go down; the rest goes up."""
+    low = ("loss", "ppl", "memory", "rss", "cuda", "time_s", "size", "params/", "step_time")
+    return not any(s in metric for s in low)
+
+
+def find_log_dir(run_dir: Path) -> Optional[Path]:
+    """The run's log folder: where LightningCLI wrote config.yaml, else the newest folder with event files."""
+    configs = sorted(run_dir.rglob("config.yaml"), key=lambda p: p.stat().st_mtime)
+    if configs:
+        return configs[-1].parent
+    events = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    return events[-1].parent if events else None
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a log folder: tag -> [(step, value), ...] in the order they were written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def reduce_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """One number per `section/name` tag: the last value, or the maximum for peak memory."""
+    out = {}
+    for tag, events in scalars.items():
+        if "/" not in tag or not events:
+            continue  # Lightning's `epoch`, the LR monitor's `lr-AdamW`
+        values = [v for _, v in events]
+        out[tag] = max(values) if tag in REDUCE_MAX else values[-1]
+    return out
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+def collect_cell(cell_dir: Path, returncode: Optional[int]) -> dict[str, Any]:
+    """Status, error and metrics of a cell whose process has ended (returncode None: it never started).
+
+    Status: `done` (exit 0), `refused` (the run refused its config up front: error.json says so), `failed`
+    (anything else: an exception, a signal, a timeout). Metrics are collected whatever the status: a run that
+    failed in its evaluation still has its fit's numbers.
+    """
+    result: dict[str, Any] = {"status": "done", "error": "", "error_tail": "", "metrics": {}, "config": ""}
+    log_dir = find_log_dir(cell_dir / "run") if (cell_dir / "run").exists() else None
+    if log_dir is not None:
+        result["metrics"] = reduce_scalars(read_scalars(log_dir))
+        if (log_dir / "config.yaml").exists():
+            result["config"] = str(log_dir / "config.yaml")
+        adapter = log_dir / "adapter"
+        if "adapter/size_bytes" not in result["metrics"] and adapter.is_dir():
+            # an older run without the export's own log line: measure the folder the same way it does
+            result["metrics"]["adapter/size_bytes"] = float(sum(f.stat().st_size for f in adapter.rglob("*")
+                                                                if f.is_file()))
+    process = cell_dir / "process.json"
+    if process.exists():
+        result["metrics"].update(json.loads(process.read_text()))
+    if returncode == 0:
+        return result
+    error_path = cell_dir / "error.json"
+    error = json.loads(error_path.read_text()) if error_path.exists() else None
+    result["error_tail"] = log_tail(cell_dir / "output.log")
+    if error is not None:
+        result["status"] = "refused" if error.get("refused") else "failed"
+        message = error["message"] if error["type"] != "SystemExit" else _last_error_line(result["error_tail"])
+        result["error"] = f"{error['type']}: {message}"
+    else:
+        result["status"] = "failed"
+        if returncode is not None and returncode < 0:
+            result["error"] = f"killed by signal {-returncode}" + (" (out of memory?)" if returncode == -9 else "")
+        else:
+            result["error"] = _last_error_line(result["error_tail"]) or f"exit status {returncode}"
+    return result
+
+
+def _last_error_line(tail: str) -> str:
+    lines = [ln for ln in tail.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "error" in ln.lower():
+            return ln.strip()
+    return lines[-1].strip() if lines else ""
