@@ -10,7 +10,9 @@ from lightning_qpeft.model.adapters import adapter_to_dict
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 ADAPTER_CONFIGS = sorted((ROOT / "configs" / "adapter").glob("*.yaml"))
-MODEL_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "adapter")
+# run configs one folder down (configs/<model>/*.yaml, configs/study/base/*.yaml); study specs have their own test
+MODEL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                       if p.parent.name not in ("adapter", "study") and p.parent != ROOT / "configs")
 
 
 def test_there_are_configs():
@@ -28,7 +30,7 @@ def test_run_config_instantiates(config, tiny_model_dir):
 @pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_model_config_instantiates(config, tiny_model_dir, alpaca_file):
     cli = QPeftCLI(args=["--config", str(config), "--model.base_model", tiny_model_dir, "--data.path", alpaca_file,
-                         "--trainer.logger", "false"], run=False)
+                         "--trainer.logger", "false", "--trainer.accelerator", "cpu"], run=False)  # GPU configs too
     assert cli.model.base_model == tiny_model_dir and cli.datamodule.path == alpaca_file
 
 
