@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -30,7 +31,7 @@ def folder_size(path: str | os.PathLike) -> int:
 
 
 def export_model(model: nn.Module, path: str | os.PathLike, training: Optional[dict[str, Any]] = None,
-                 tokenizer: Any = None) -> int:
+                 tokenizer: Any = None, state_dict: Optional[dict[str, Any]] = None) -> int:
     """Write a peft model's adapter (or a fully fine-tuned model) to `path` atomically; returns its size.
 
     Args:
@@ -38,11 +39,12 @@ def export_model(model: nn.Module, path: str | os.PathLike, training: Optional[d
         path: the folder to (re)place.
         training: what it was trained with, written to `qpeft_training.json`.
         tokenizer: saved beside a full model (an adapter needs its base's tokenizer, which `merge` adds).
+        state_dict: the model's state, when it cannot be read from `model` on one rank alone (FSDP shards).
     """
     from peft import PeftModel
 
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None and not isinstance(model, PeftModel):
             tokenizer.save_pretrained(tmp)
         if training is not None:
@@ -78,9 +80,14 @@ class AdapterExport(Callback):
         if not self.enabled:
             return
         path = self.resolve_dir(trainer)
+        state_dict = None
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # the adapter is sharded: every rank takes part in gathering it (to rank 0); reading it on rank 0
+            # alone would wait forever for the others
+            state_dict = {k.removeprefix("model."): v for k, v in trainer.strategy.lightning_module_state_dict().items()}
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-            size = export_model(pl_module.model, path, training_info(pl_module), tokenizer)
+            size = export_model(pl_module.model, path, training_info(pl_module), tokenizer, state_dict)
             rank_zero_info(f"adapter exported to {path} ({size / 1024:.1f} KiB)")
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"adapter/size_bytes": size}, step=trainer.global_step)

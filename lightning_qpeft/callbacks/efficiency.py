@@ -135,6 +135,7 @@ class EfficiencyMonitor(Callback):
         self.totals = dict.fromkeys((*COUNTERS, "seconds", "steps"), 0.0)
         self.paused = 0.0
         self.pause_start: Optional[float] = None  # validate/test outside fit never pause a measurement
+        self.resident_at_start: Optional[int] = None
 
     # --------------------------------------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -161,6 +162,7 @@ class EfficiencyMonitor(Callback):
             self.peak, self.peak_source = float(self.peak_flops_override), "efficiency.peak_flops"
         else:
             self.peak, self.peak_source = peak_flops(self.device, trainer.precision)
+        self.resident_at_start = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         self.first_step = trainer.global_step  # a resumed fit starts at its checkpoint's step
         self.first_epoch = trainer.current_epoch
         self.start_step = None
@@ -350,6 +352,9 @@ class EfficiencyMonitor(Callback):
             "memory_kind": memory_kind,
             "peak_memory_reserved_gib": (torch.cuda.max_memory_reserved(self.device) / GIB
                                          if self.device.type == "cuda" else None),
+            # what stays on this rank's device once the model is set up (weights, adapter; under FSDP the shard):
+            # the figure that falls with 1/N under FSDP, unlike the peak, which includes loading
+            "resident_memory_gib_at_train_start": self.resident_at_start / GIB if self.resident_at_start else None,
             "peak_flops": self.peak,
             "peak_flops_source": self.peak_source,
             "gradient_checkpointing": self.recompute,

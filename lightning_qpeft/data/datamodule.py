@@ -152,7 +152,7 @@ class NLGDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         # local rank 0 only, before setup: build the built-in model folder once, not once per rank
-        resolve_base_model(self.tokenizer_name)
+        resolve_base_model(self.tokenizer_name, "model.tokenizer", need_config=False)
 
     # ------------------------------------------------------------------------------ records
     def setup(self, stage: Optional[str] = None) -> None:

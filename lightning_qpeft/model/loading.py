@@ -25,22 +25,28 @@ from lightning_qpeft.model.random_init import build_random_model, is_random
 from lightning_qpeft.model.tiny import BUILTIN_MODELS
 
 
-def resolve_base_model(name_or_path: str) -> str:
-    """The path or hub id to load; builds a built-in model folder on first use."""
+def resolve_base_model(name_or_path: str, key: str = "model.base_model", need_config: bool = True) -> str:
+    """The path or hub id to load; builds a built-in model folder on first use.
+
+    Args:
+        name_or_path: the config value.
+        key: the config key it came from (for messages).
+        need_config: a local folder must hold config.json (a tokenizer folder need not).
+    """
     if is_random(name_or_path):
         return name_or_path
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
+        if not path.is_dir() or (need_config and not (path / "config.json").exists()):
             raise ValueError(
-                f"model.base_model: {str(path)!r} is not a model folder (no config.json in it); give a folder "
+                f"{key}: {str(path)!r} is not a model folder (no config.json in it); give a folder "
                 "written by save_pretrained, or a hub id"
             )
         return str(path)
     if path.name in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[path.name](path))
     if name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model.base_model: no folder at {name_or_path!r}")
+        raise FileNotFoundError(f"{key}: no folder at {name_or_path!r}")
     return name_or_path  # a hub id: transformers resolves (and, with the hub, downloads) it
 
 
@@ -54,7 +60,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if is_random(name_or_path):
         raise ValueError(f"model.tokenizer: {name_or_path} has random weights and no tokenizer; set model.tokenizer "
                          "to a tokenizer folder or hub id")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name_or_path, "model.tokenizer", need_config=False),
+                                              trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     if tokenizer.pad_token is None:
