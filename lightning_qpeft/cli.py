@@ -3,7 +3,8 @@
     python -m lightning_qpeft {fit,validate,test,predict} --config FILE [--key value ...]
 
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
-gets: `adapter_export` (peft export at the end of fit) and `prediction_writer` (JSONL output of predict).
+gets: `adapter_export` (peft export at the end of fit), `prediction_writer` (JSONL output of predict) and `mmlu`
+(MMLU evaluation during fit and in validate/test; off unless `mmlu.enabled: true`).
 `model.base_model` is linked to `data.tokenizer`: the data is always tokenized with the base model's tokenizer.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_qpeft.callbacks import AdapterExport, JsonlPredictionWriter
+from lightning_qpeft.callbacks import AdapterExport, JsonlPredictionWriter, MMLUEvaluation
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.model.module import QPeftModule
 
@@ -49,6 +50,7 @@ class QPeftCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(MMLUEvaluation, "mmlu")
 
 
 def main(args: Any = None) -> None:

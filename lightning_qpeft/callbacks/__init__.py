@@ -1,4 +1,5 @@
 from lightning_qpeft.callbacks.adapter_export import AdapterExport
+from lightning_qpeft.callbacks.mmlu import MMLUEvaluation
 from lightning_qpeft.callbacks.prediction_writer import JsonlPredictionWriter
 
-__all__ = ["AdapterExport", "JsonlPredictionWriter"]
+__all__ = ["AdapterExport", "JsonlPredictionWriter", "MMLUEvaluation"]

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import datasets
 
 from lightning_qpeft.data.synthetic import synthetic_e2e
+from lightning_qpeft.data.synthetic_mc import synthetic_mc_splits
 
 CANONICAL = ("instruction", "input", "output")
 
@@ -54,6 +55,8 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("synthetic-e2e", "alpaca", _synthetic_e2e_splits, "built-in E2E-style data-to-text (offline)"),
+        # input: the zero-shot MMLU prompt, as the MMLU scorer builds it; output: the answer letter
+        Task("synthetic-mc", "plain", synthetic_mc_splits, "built-in MMLU-format multiple choice (offline)"),
         Task("file", "alpaca", None, "a local Alpaca-style (instruction/input/output) or input/output file"),
     )
 }
