@@ -238,7 +238,15 @@ class MMLUEvaluation(Callback):
         else:
             rest = metrics
         if trainer.logger is not None:
-            trainer.logger.log_metrics(rest, step=trainer.global_step)
+            trainer.logger.log_metrics(rest, step=self._logging_step(trainer))
+
+    @staticmethod
+    def _logging_step(trainer: Trainer) -> int:
+        # the step Lightning logs the module's metrics at in fit (a validation after step N is logged at N - 1,
+        # as val/loss is), so mmlu/<subject> lines up with mmlu/accuracy
+        if trainer.state.fn.value == "fit":
+            return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        return trainer.global_step
 
     def resolve_report_path(self, trainer: Trainer) -> Path:
         if self.report_path is not None:

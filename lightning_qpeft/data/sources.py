@@ -18,14 +18,11 @@ from typing import Callable, Optional
 
 import datasets
 
+from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.synthetic import synthetic_e2e
 from lightning_qpeft.data.synthetic_mc import synthetic_mc_splits
 
 CANONICAL = ("instruction", "input", "output")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the line or record."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from lightning_qpeft.data.sources import DataError
+from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.evaluation.mmlu_prompt import CHOICES, Item, Question, build_items
 
 SOURCES = ("synthetic", "json", "csv", "hub")
