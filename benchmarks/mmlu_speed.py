@@ -8,8 +8,10 @@ token budget, the four letter logits gathered at each row's last real token.
 
 Usage, from the repository root, with no install of the project (needs torch, transformers, bitsandbytes):
 
-    PYTHONPATH=. python benchmarks/mmlu_speed.py --tokenizer ../shared/data/tokenizers/llama2 \\
-        --data ../shared/data/mmlu/five_shot_mmlu_val.json [--batch_tokens 32768 65536] [--padding right left]
+    PYTHONPATH=. python benchmarks/mmlu_speed.py --tokenizer bench_data/llama2 \\
+        --data bench_data/five_shot_mmlu_val.json [--batch_tokens 16384 32768 65536] [--padding right left]
+
+(bench_data/ holds copies of ../shared/data/tokenizers/llama2/ and ../shared/data/mmlu/five_shot_mmlu_val.json.)
 
 Prints one JSON line per setting: seconds, questions/s, prompt tokens/s, batches, padding fraction, peak memory,
 accuracy; the first setting runs twice (a warm-up pass, then the timed one).
@@ -21,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -35,12 +38,16 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 
 
 def make_checkpoint(path: str) -> None:
-    """A random-weight Llama-2-7B in bf16, built on the GPU (seconds, not the minutes of a CPU init)."""
+    """A random-weight Llama-2-7B in bf16, built on the GPU (seconds, not the minutes of a CPU init), as the peer's
+    `make_checkpoint` builds it: an existing one (benchmarks/make_checkpoint.py's, same path) is used as it is."""
     if os.path.exists(os.path.join(path, "config.json")):
         return
     with torch.device("cuda"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B)).to(torch.bfloat16)
-    model.save_pretrained(path)
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    os.replace(tmp, path)  # whole or absent: a killed build leaves no half folder at the final path
     del model
     gc.collect()
     torch.cuda.empty_cache()

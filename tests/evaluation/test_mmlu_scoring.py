@@ -26,7 +26,7 @@ def items():
     dev = {}
     for q in synthetic_mc.questions("dev", 5):
         dev.setdefault(q.subject, []).append(q)
-    questions = synthetic_mc.questions("val", 3)[:13]
+    questions = synthetic_mc.questions("val", 4)[:13]
     return [build_items([q], dev, shots=i % 6)[0] for i, q in enumerate(questions)]
 
 
