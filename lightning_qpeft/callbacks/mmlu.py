@@ -9,11 +9,12 @@ Config keys (`mmlu.*`, a top-level section of the CLI config; off unless `mmlu.e
     at_fit_start / at_fit_end: also evaluate before the first step (a baseline) / when training ends
     batch_tokens, batch_size, padding_side, max_length, letter_tokens: how it is scored
                           (`lightning_qpeft.evaluation.mmlu_scoring`)
-    report_path:          the JSON report (default `<log_dir>/mmlu_<split>.json`)
+    report_path:          the JSON report (default `<log_dir>/mmlu_<split>.json`; a QLoRA file's:
+                          `<log_dir>/mmlu_<file stem>.json`, e.g. mmlu_five_shot_mmlu_val.json)
 
 When it runs: in `fit`, at the end of every N-th validation (not the sanity check) and when training ends
-(unless that step was just evaluated); in `validate` / `test`, once, at the end of the loop, and it then
-writes the report. `validate` still runs the data module's validation loss: `configs/mmlu.yaml` points the
+(unless that step was just evaluated), writing the report of the last evaluation; in `validate` / `test`,
+once, at the end of the loop, and it then writes the report. `validate` still runs the data module's validation loss: `configs/mmlu.yaml` points the
 data at the built-in `synthetic-mc` task and `trainer.limit_val_batches: 1`, so that costs one batch and
 needs no data file. With `limit_val_batches: 0` Lightning skips the loop and every hook in it, so that is
 refused.
@@ -56,7 +57,7 @@ class MMLUEvaluation(Callback):
         source: synthetic (built-in generated questions), json (QLoRA's data/mmlu files), csv (MMLU's
             dev/val/test folders), hub (the cais/mmlu dataset; needs the hub).
         path: the JSON file (json) or the folder holding dev/, val/, test/ (csv).
-        split: val or test (csv, hub, synthetic; a JSON file is one split already).
+        split: val or test (csv, hub, synthetic; a QLoRA JSON file is one split already and ignores it).
         shots: solved dev examples per prompt (csv, hub, synthetic); QLoRA's five-shot protocol is 5.
         max_prompt_tokens: k is lowered per question until the prompt has at most this many tokens
             (special tokens not counted; Hendrycks' and QLoRA's 2048).
@@ -70,7 +71,7 @@ class MMLUEvaluation(Callback):
         batch_size: most prompts in a scoring batch.
         padding_side: right (QLoRA) or left; both give the same scores.
         letter_tokens: qlora (tokenizer("A")[0], QLoRA's) or continuation (the token after "Answer:").
-        report_path: the JSON report; default `<log_dir>/mmlu_<split>.json`.
+        report_path: the JSON report; default `<log_dir>/mmlu_<split>.json` (json: `mmlu_<file stem>.json`).
         hub_name: hub dataset laid out as cais/mmlu (source hub).
         synthetic_questions: questions per subject of the synthetic set (source synthetic).
     """
@@ -109,7 +110,8 @@ class MMLUEvaluation(Callback):
             (not (enabled and source in ("json", "csv") and path is None),
              f"mmlu.path: mmlu.source {source} reads a file or folder; set mmlu.path"),
             (not (path is not None and source in ("synthetic", "hub")),
-             f"mmlu.path is set but mmlu.source is {source}; set mmlu.source json (a QLoRA file) or csv (a folder)"),
+             f"mmlu.path is set ({path}) but mmlu.source {source} reads no file; set mmlu.path null, or "
+             "mmlu.source json (a QLoRA file) or csv (a folder)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -166,9 +168,10 @@ class MMLUEvaluation(Callback):
         return tokenizer
 
     def describe(self) -> str:
-        where = self.path if self.source in ("json", "csv") else (self.hub_name if self.source == "hub" else "")
-        shots = "prompts as built in the file" if self.source == "json" else f"{self.shots}-shot"
-        return f"{self.source}{' ' + where if where else ''}, {self.split}, {shots}"
+        if self.source == "json":
+            return f"json {self.path}, prompts as built in the file"
+        where = {"csv": f" {self.path}", "hub": f" {self.hub_name}"}.get(self.source, "")
+        return f"{self.source}{where}, {self.split}, {self.shots}-shot"
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -194,11 +197,12 @@ class MMLUEvaluation(Callback):
             self.write_report(trainer, pl_module, results)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.enabled or not self.at_fit_end:
+        if not self.enabled:
             return
-        if self.last_step != trainer.global_step or self.last_results is None:
+        if self.at_fit_end and (self.last_step != trainer.global_step or self.last_results is None):
             self._log(trainer, pl_module, self.run(trainer, pl_module), through_module=False)
-        self.write_report(trainer, pl_module, self.last_results)
+        if self.last_results is not None:  # the report of the last evaluation
+            self.write_report(trainer, pl_module, self.last_results)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
@@ -251,7 +255,9 @@ class MMLUEvaluation(Callback):
     def resolve_report_path(self, trainer: Trainer) -> Path:
         if self.report_path is not None:
             return Path(self.report_path)
-        return Path(trainer.log_dir or trainer.default_root_dir) / f"mmlu_{self.split}.json"
+        # a QLoRA file is one split already: the report is named after it (mmlu_five_shot_mmlu_val.json)
+        name = Path(self.path).stem if self.source == "json" else self.split
+        return Path(trainer.log_dir or trainer.default_root_dir) / f"mmlu_{name}.json"
 
     def write_report(self, trainer: Trainer, pl_module: LightningModule, results: MMLUResults) -> Path:
         path = self.resolve_report_path(trainer)
@@ -265,7 +271,7 @@ class MMLUEvaluation(Callback):
                 quantization=getattr(pl_module, "quantization", None),
                 source=self.source,
                 path=self.path,
-                split=self.split,
+                split=None if self.source == "json" else self.split,
                 shots=None if self.source == "json" else self.shots,
                 max_prompt_tokens=self.max_prompt_tokens,
                 max_samples=self.max_samples,

@@ -112,7 +112,7 @@ def test_validate_with_no_validation_batch_is_refused(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(source="csv"), "mmlu.path: mmlu.source csv reads a file or folder"),
-    (dict(source="synthetic", path="x.json"), "mmlu.path is set but mmlu.source is synthetic"),
+    (dict(source="synthetic", path="x.json"), r"mmlu.path is set \(x.json\) but mmlu.source synthetic reads no file"),
     (dict(source="jsonl"), "mmlu.source: 'jsonl'"),
     (dict(split="dev"), "mmlu.split: 'dev'"),
     (dict(padding_side="middle"), "mmlu.padding_side"),

@@ -107,3 +107,13 @@ def test_batch_plan_keeps_the_budget_and_every_question_once():
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 120)
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+def test_ranks_score_disjoint_shares_that_add_up_to_the_whole(lora_model, lora_reference, tokenizer, items):
+    evaluator = MMLUEvaluator(items, tokenizer, batch_size=3)
+    shares = [evaluator.evaluate(lora_model, rank=r, world_size=2, all_reduce_sum=lambda t: t).scores for r in (0, 1)]
+    scored = [set(torch.nonzero(s.abs().sum(1)).flatten().tolist()) for s in shares]
+    assert scored[0] and scored[1] and not scored[0] & scored[1] and scored[0] | scored[1] == set(range(len(items)))
+    # what DDP's all-reduce (a sum) gives every rank: every question's scores, once
+    summed = evaluator.evaluate(lora_model, rank=0, world_size=2, all_reduce_sum=lambda t: t + shares[1]).scores
+    torch.testing.assert_close(summed[:, :4], lora_reference, rtol=0, atol=2e-4)
