@@ -1,7 +1,7 @@
 """Score MMLU prompts on the A/B/C/D logits at the position after the prompt, in padded batches.
 
 What QLoRA does (qlora.py, `MMLUEvalCallback`), and what is done here:
-- the model reads `BOS + prompt` (the source of QLoRA's collator, tokenized with `add_special_tokens=False`);
+- the model reads `BOS + prompt` (the source of QLoRA's collator; see `encode_prompts` for LLaMA's BOS);
 - at the last prompt position, the logits of the four letter tokens are compared; the argmax is the answer;
 - the letter tokens are `tokenizer(letter, add_special_tokens=False).input_ids[0]` (`letter_tokens: qlora`).
   For LLaMA's SentencePiece that is `▁A` (id 319), the token that follows "Answer:" in "Answer: A"; for a
@@ -58,12 +58,15 @@ def letter_token_ids(tokenizer: Any, mode: str = "qlora") -> list[int]:
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
     """`BOS + prompt` token ids for each prompt, cut to the last `max_length` tokens; and how many were cut.
 
-    QLoRA cuts the source at `mmlu_source_max_len` from the right, which would drop the question; the prompts
-    this project builds are k-limited so that nothing is cut at the defaults, and an over-long prompt keeps its
-    end (the question and "Answer:") instead.
+    The prompt is encoded on its own and the BOS id put in front: that is what QLoRA's slow LLaMA tokenizer
+    gives for f"{bos}{prompt}" ([1, 450 "▁The", ...]); transformers' fast LLaMA tokenizer would instead read
+    the text after "<s>" without SentencePiece's leading "▁" ([1, 1576 "The", ...]). For byte-level BPEs both
+    are the same. QLoRA cuts the source at `mmlu_source_max_len` from the right, which would drop the question;
+    the prompts built here are k-limited so that nothing is cut at the defaults, and an over-long prompt keeps
+    its end (the question and "Answer:") instead.
     """
-    bos = tokenizer.bos_token or ""
-    ids = tokenizer([bos + p for p in prompts], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and tokenizer.bos_token else []
+    ids = [bos + x for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     cut = sum(len(x) > max_length for x in ids)
     return [x[-max_length:] for x in ids], cut
 

@@ -8,7 +8,7 @@ import torch
 from lightning_qpeft.data import synthetic_mc
 from lightning_qpeft.evaluation.mmlu import MMLUEvaluator
 from lightning_qpeft.evaluation.mmlu_prompt import build_items
-from lightning_qpeft.evaluation.mmlu_scoring import letter_token_ids, plan_batches
+from lightning_qpeft.evaluation.mmlu_scoring import encode_prompts, letter_token_ids, plan_batches
 from lightning_qpeft.model.loading import load_base_model, load_tokenizer
 from tests.conftest import SHARED_DATA
 
@@ -97,6 +97,17 @@ def test_llama2_letters_are_the_tokens_after_answer():
     tokenizer = AutoTokenizer.from_pretrained(str(LLAMA2))
     # SentencePiece's "▁A" (319): QLoRA's tokenizer("A")[0] is the token that follows "Answer:" in "Answer: A"
     assert letter_token_ids(tokenizer, "qlora") == letter_token_ids(tokenizer, "continuation") == [319, 350, 315, 360]
+
+
+@pytest.mark.skipif(not LLAMA2.is_dir(), reason="no ../shared/data")
+def test_llama2_prompts_start_as_qlora_s_slow_tokenizer_starts_them():
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    for cls in (AutoTokenizer, LlamaTokenizerFast):  # the fast one reads "<s>The" as [1, 1576 "The"]
+        (ids,), cut = encode_prompts(cls.from_pretrained(str(LLAMA2)), ["The following are"], max_length=2048)
+        assert ids == [1, 450, 1494, 526] and cut == 0  # BOS, "▁The", "▁following", "▁are"
+    (ids,), cut = encode_prompts(AutoTokenizer.from_pretrained(str(LLAMA2)), ["The following are"], max_length=3)
+    assert ids == [450, 1494, 526] and cut == 1  # an over-long prompt keeps its end
 
 
 def test_batch_plan_keeps_the_budget_and_every_question_once():
