@@ -64,7 +64,7 @@ def test_training_records_are_what_the_scorer_reads_and_scores(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_a_fit_on_the_task_lifts_held_out_accuracy_from_chance(tiny_model_dir):
+def test_a_fit_on_the_task_lifts_held_out_accuracy_from_chance(tiny_model_dir, tmp_path):
     """The task trains what the MMLU scorer measures: a QLoRA fit lifts held-out synthetic questions (a split
     never trained on) from chance (25 %) to far above it. Slow: the tiny model first has to learn to bind an
     option to its letter, which takes a few hundred steps before accuracy moves at all."""
@@ -86,7 +86,8 @@ def test_a_fit_on_the_task_lifts_held_out_accuracy_from_chance(tiny_model_dir):
     read = lambda *_: accuracy.append(mmlu.last_results.metrics()["mmlu/accuracy"])  # noqa: E731
     record = lightning.pytorch.callbacks.LambdaCallback(on_train_start=read, on_validation_epoch_end=read)
     cpu_trainer(max_steps=600, val_check_interval=100, check_val_every_n_epoch=None, limit_val_batches=1,
-                callbacks=[mmlu, record]).fit(module, dm)
+                default_root_dir=tmp_path, callbacks=[mmlu, record]).fit(module, dm)
+    assert (tmp_path / "mmlu_test.json").is_file()  # the report of the last evaluation, beside the logs
     print("mmlu/accuracy every 100 steps:", accuracy)
     assert mmlu.last_results is not None and mmlu.last_step == 600
     assert accuracy[0] < 0.4 and max(accuracy) > 0.8 and accuracy[-1] > 0.8, accuracy
