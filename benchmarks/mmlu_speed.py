@@ -54,7 +54,12 @@ def make_checkpoint(path: str) -> None:
 
 
 def load_llama2_tokenizer(folder: str):
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # a folder holding only tokenizer.model, on a transformers that wants a config for Auto*
+        from transformers import LlamaTokenizerFast
+
+        tokenizer = LlamaTokenizerFast.from_pretrained(folder)
     if tokenizer.pad_token is None:  # as lightning_qpeft.model.loading.load_tokenizer does (it wants config.json)
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
