@@ -5,7 +5,8 @@
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
 gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, peak memory, MFU; a summary in
 `<log_dir>/perf.json`), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
-evaluation/generation.py) and `prediction_writer` (JSONL output of predict).
+evaluation/generation.py), `mmlu` (MMLU during fit and in validate/test; off unless `mmlu.enabled: true`)
+and `prediction_writer` (JSONL output of predict).
 `data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
 with the model's own tokenizer. Adapter fields that the run decides (a text-initialised prompt's tokenizer,
 AdaLoRA's total_step) are filled before the adapter config is instantiated (`adapters.complete_run_fields`).
@@ -17,7 +18,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_qpeft.callbacks import AdapterExport, EfficiencyMonitor, JsonlPredictionWriter
+from lightning_qpeft.callbacks import AdapterExport, EfficiencyMonitor, JsonlPredictionWriter, MMLUEvaluation
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.evaluation.generation import GenerationMetrics
@@ -65,6 +66,7 @@ class QPeftCLI(LightningCLI):
         parser.add_lightning_class_args(EfficiencyMonitor, "efficiency")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(GenerationMetrics, "generation_metrics")
+        parser.add_lightning_class_args(MMLUEvaluation, "mmlu")
 
 
 def _tokenizer_of(base_model: str, tokenizer: Any) -> str:

@@ -1,5 +1,6 @@
 from lightning_qpeft.callbacks.adapter_export import AdapterExport
 from lightning_qpeft.callbacks.efficiency import EfficiencyMonitor
+from lightning_qpeft.callbacks.mmlu import MMLUEvaluation
 from lightning_qpeft.callbacks.prediction_writer import JsonlPredictionWriter
 
-__all__ = ["AdapterExport", "EfficiencyMonitor", "JsonlPredictionWriter"]
+__all__ = ["AdapterExport", "EfficiencyMonitor", "JsonlPredictionWriter", "MMLUEvaluation"]

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import datasets
 
+from lightning_qpeft.data.errors import DataError  # one class for every reader (MMLU's too)
+
 # suffix -> datasets builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the config key, the file and the line or record."""
 
 
 def record_word(path: str | Path) -> str:

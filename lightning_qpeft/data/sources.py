@@ -25,9 +25,11 @@ from typing import Any, Callable, Optional
 
 import datasets
 
+from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.random_tokens import random_token_splits
-from lightning_qpeft.data.readers import DataError, read_file, record_word
+from lightning_qpeft.data.readers import read_file, record_word
 from lightning_qpeft.data.synthetic import synthetic_e2e
+from lightning_qpeft.data.synthetic_mc import synthetic_mc_splits
 
 __all__ = ["CANONICAL", "DataError", "Layout", "Task", "TASKS", "TaskSource", "get_task"]
 
@@ -139,6 +141,9 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("synthetic-e2e", "alpaca", builtin=_synthetic_e2e_splits,
              description="built-in E2E-style data-to-text, generated offline"),
+        # input: the zero-shot MMLU prompt, as the MMLU scorer builds it; output: the answer letter
+        Task("synthetic-mc", "plain", builtin=synthetic_mc_splits,
+             description="built-in MMLU-format multiple choice, generated offline"),
         Task("alpaca", "alpaca", (ALPACA,), "tatsu-lab/alpaca", description="Stanford Alpaca, 52K instructions"),
         Task("alpaca-cleaned", "alpaca", (ALPACA,), "yahma/alpaca-cleaned", description="Alpaca, cleaned"),
         Task("dolly", "alpaca", (DOLLY, DOLLY_PROMPT), "databricks/databricks-dolly-15k",

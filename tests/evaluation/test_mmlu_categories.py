@@ -1,0 +1,26 @@
+"""Hendrycks' category mapping covers all 57 MMLU subjects (and the synthetic ones) with the four categories."""
+
+from collections import Counter
+
+import pytest
+
+from lightning_qpeft.data.synthetic_mc import SUBJECTS
+from lightning_qpeft.evaluation.mmlu_categories import CATEGORIES, SUBCATEGORIES, category_of
+from tests.conftest import SHARED_DATA
+
+
+def test_every_subject_has_one_of_the_four_categories():
+    assert len(SUBCATEGORIES) == 57
+    counts = Counter(category_of(s) for s in SUBCATEGORIES)
+    # Hendrycks' split of the 57 subjects
+    assert counts == {"STEM": 18, "humanities": 13, "social sciences": 12, "other (business, health, misc.)": 14}
+    assert set(counts) == set(CATEGORIES)
+    assert {category_of(s) for s in SUBJECTS} == set(CATEGORIES)  # the synthetic set exercises all four
+    assert category_of("not_a_subject") is None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mmlu_raw").is_dir(), reason="no ../shared/data")
+def test_the_table_names_exactly_the_subjects_of_the_real_files():
+    for split in ("dev", "val", "test"):
+        files = {p.name[: -len(f"_{split}.csv")] for p in (SHARED_DATA / "mmlu_raw" / split).glob("*.csv")}
+        assert files == set(SUBCATEGORIES)
