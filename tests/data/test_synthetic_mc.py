@@ -57,7 +57,7 @@ def test_training_records_are_what_the_scorer_reads_and_scores(tiny_model_dir):
         prompt = build_prompt(q, (), 0)
         assert record["input"] == prompt and record["output"] == q.answer
         (scored,), _ = encode_prompts(tok, [prompt], max_length=2048)
-        n = row["source_len"]
+        n = next(i for i, x in enumerate(row["labels"]) if x != -100)  # the prompt is masked: source length
         assert row["input_ids"][:n] == scored  # BOS + prompt, the scorer's tokens
         assert row["input_ids"][n] == letters["ABCD".index(q.answer)]  # the trained token is the scored one
         assert row["labels"][n:] == row["input_ids"][n:] and row["input_ids"][n + 1] == tok.eos_token_id
