@@ -62,3 +62,23 @@ def test_fsdp_name_is_the_adapter_aware_strategy():
     from lightning_qpeft.distributed import QPeftFSDPStrategy
 
     assert StrategyRegistry["fsdp"]["strategy"] is QPeftFSDPStrategy
+
+
+def test_fsdp_clips_gradients_with_fsdp_itself(tiny_model_dir):
+    # measured on 2 H200s: Lightning's FSDP precision raises on trainer.gradient_clip_val (norm); the module
+    # hands the clipping to FSDP's clip_grad_norm_, which reduces the norm over every rank's shard
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_qpeft.model.module import QPeftModule
+
+    module = QPeftModule(tiny_model_dir, quantization="nf4-dq")
+    trainer = MagicMock()
+    trainer.strategy = MagicMock(spec=FSDPStrategy)
+    trainer.strategy.model = MagicMock()
+    module._trainer = trainer
+    module.configure_gradient_clipping(MagicMock(), 0.3, "norm")
+    trainer.strategy.model.clip_grad_norm_.assert_called_once_with(0.3)
+    with pytest.raises(ValueError, match="trainer.gradient_clip_algorithm=value cannot run with trainer.strategy=fsdp"):
+        module.configure_gradient_clipping(MagicMock(), 0.3, "value")

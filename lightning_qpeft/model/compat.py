@@ -124,8 +124,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "LoRA initialised to cancel the 4-bit quantization error (LoftQ)",
            refused={"none": "LoftQ initialises LoRA against the error of a 4-bit quantization, and an "
                             "unquantized base has none",
-                    "int8": "peft's LoftQ initialisation handles 4-bit layers only"},
-           cuda_only=_on(FOUR_BIT, "peft computes LoftQ's SVD on CUDA"), identity_at_init=False, reads_weight=True),
+                    "int8": "peft's LoftQ initialisation handles 4-bit layers only",
+                    # measured on an H200 (benchmarks/adapter_cuda_cells.py, peft 0.21.0, bitsandbytes 0.50.2):
+                    # the initialisation and training run, but the export does not load back into plain peft
+                    **_on(FOUR_BIT, "measured on CUDA: LoftQ trains, but its exported adapter does not load back "
+                                    "into peft (state_dict mismatch), so the run's result could not be used; "
+                                    "use qlora (LoRA on every linear layer) instead")},
+           identity_at_init=False, reads_weight=True),
     Method("adalora", "peft.AdaLoraConfig", "SVD-form LoRA whose rank budget is reallocated during training"),
     Method("ia3", "peft.IA3Config", "scaling vectors on keys, values and the MLP input"),
     Method("loha", "peft.LoHaConfig", "Hadamard product of two low-rank updates",
@@ -284,7 +289,7 @@ def way_out(method: Method) -> str:
     parts = [f"use {_or(ok)}"] if ok else []
     if gpu:
         parts.append(f"{'or ' if ok else 'use '}{_or(gpu)} on a GPU")
-    return " ".join(parts)
+    return " ".join(parts) or "use another model.adapter (qlora runs on every base)"
 
 
 def check(

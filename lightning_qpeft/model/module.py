@@ -391,6 +391,20 @@ class QPeftModule(LightningModule):
         if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None:
             self.model.base_model.update_and_allocate(step)
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision refuses norm clipping (`trainer.gradient_clip_val`, QLoRA's 0.3); FSDP's
+            # own clip_grad_norm_ computes the norm over every rank's shard, which is what clipping by norm means
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm} cannot run with "
+                                 "trainer.strategy=fsdp; use norm")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params and self.adapter_path is not None and self.adapter.is_prompt_learning:

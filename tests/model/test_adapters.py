@@ -179,11 +179,11 @@ def test_adalora_schedule_that_does_not_fit_the_run_is_refused(tiny_model_dir):
     assert module.model is None  # refused before the base loaded
 
 
-def test_loftq_is_refused_on_cpu_before_loading(tmp_path):
-    module = QPeftModule(str(tmp_path / "missing"), quantization="nf4", adapter=compat.load_method_config("loftq"))
-    with pytest.raises(ValueError, match=r"model.adapter=loftq cannot run with model.quantization=nf4 on cpu: "
-                                         r"peft computes LoftQ's SVD on CUDA; train on a GPU"):
-        module.configure_model()
+def test_loftq_is_refused_before_loading(tmp_path):
+    # measured on an H200: it trains, but its export does not load back into peft
+    with pytest.raises(ValueError, match=r"model.adapter=loftq cannot run with model.quantization=nf4: measured on "
+                                         r"CUDA: .*does not load back"):
+        QPeftModule(str(tmp_path / "missing"), quantization="nf4", adapter=compat.load_method_config("loftq"))
 
 
 def test_prompt_learning_adapter_path_is_evaluation_only(tiny_model_dir, tmp_path):
