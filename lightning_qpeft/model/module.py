@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_qpeft.model.adapters import (
@@ -160,8 +161,18 @@ class QPeftModule(LightningModule):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
         )
+        self._warn_fp16_with_4bit()
         base = prepare_base(base, self.gradient_checkpointing, self.upcast_norms)
         self.model = attach_adapter(base, self.adapter, self.adapter_path)
+
+    def _warn_fp16_with_4bit(self) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if get_quant_mode(self.quantization).is_4bit and ("float16" == self.compute_dtype or precision.startswith("16")):
+            rank_zero_warn(
+                "model.compute_dtype=float16 / trainer.precision=16-* with a 4-bit base is a known source of loss "
+                "collapse (fp16 overflows in the dequantized matmuls); prefer bfloat16 and bf16-mixed on GPUs that "
+                "have it (Ampere and newer)"
+            )
 
     @property
     def method(self) -> str:
@@ -271,6 +282,9 @@ class QPeftModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable tensors, and record what they belong to (checked when loading)."""
         state = self.trainable_state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never replace a good checkpoint with a poisoned one
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
         checkpoint["state_dict"] = state
         checkpoint["qpeft"] = {
             "base_model": self.base_model,
