@@ -35,12 +35,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise FileNotFoundError(f"ckpt_path: no checkpoint at {str(path)!r}") from None
         except pickle.UnpicklingError as e:
-            culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            culprit = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
             if culprit:
                 raise ValueError(
                     f"ckpt_path: {str(path)!r} holds more than tensors and plain data (refused: loading it could "
                     f"run code; it names {culprit.group(1)})"
                 ) from None
-            raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint ({str(e).splitlines()[-1]})") from None
+            raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint") from None
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint ({e})") from None
