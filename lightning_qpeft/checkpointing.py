@@ -12,6 +12,7 @@ The CLI installs it by default (`trainer.plugins`).
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any, Optional
 
 import torch
@@ -34,9 +35,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise FileNotFoundError(f"ckpt_path: no checkpoint at {str(path)!r}") from None
         except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"ckpt_path: {str(path)!r} holds more than tensors and plain data (refused: loading it could "
-                f"run code): {str(e).splitlines()[0]}"
-            ) from None
+            culprit = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+            if culprit:
+                raise ValueError(
+                    f"ckpt_path: {str(path)!r} holds more than tensors and plain data (refused: loading it could "
+                    f"run code; it names {culprit.group(1)})"
+                ) from None
+            raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint") from None
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint ({e})") from None

@@ -4,7 +4,8 @@
 
 Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections for the callbacks every run
 gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, peak memory, MFU; a summary in
-`<log_dir>/perf.json`), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
+`<log_dir>/perf.json`), `nonfinite` (skip or stop on a NaN/Inf loss or gradient), `preemption` (a checkpoint on
+SIGTERM), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
 evaluation/generation.py), `mmlu` (MMLU during fit and in validate/test; off unless `mmlu.enabled: true`)
 and `prediction_writer` (JSONL output of predict).
 `data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
@@ -14,11 +15,20 @@ AdaLoRA's total_step) are filled before the adapter config is instantiated (`ada
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_qpeft.callbacks import AdapterExport, EfficiencyMonitor, JsonlPredictionWriter, MMLUEvaluation
+from lightning_qpeft.callbacks import (
+    AdapterExport,
+    EfficiencyMonitor,
+    JsonlPredictionWriter,
+    MMLUEvaluation,
+    NonFiniteGuard,
+    PreemptionCheckpoint,
+)
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.evaluation.generation import GenerationMetrics
@@ -67,6 +77,42 @@ class QPeftCLI(LightningCLI):
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(GenerationMetrics, "generation_metrics")
         parser.add_lightning_class_args(MMLUEvaluation, "mmlu")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def before_fit(self) -> None:
+        check_writable(self.trainer.default_root_dir, "trainer.default_root_dir")
+        if self.config_init["fit"].get("ckpt_path") == "last":
+            self.config_init["fit"]["ckpt_path"] = find_last_checkpoint(self.trainer)
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Refuse, before any model loads, an output folder the run could not write to."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{key}: cannot write to {str(path)!r} ({e.strerror}); choose a writable folder") from None
+
+
+def find_last_checkpoint(trainer: Any) -> Optional[str]:
+    """`--ckpt_path last`: the newest last*.ckpt of any earlier version of this run's logger folder.
+
+    Lightning looks for "last" only in the new run's own version folder, which a restarted job has not
+    written yet; a preempted or killed run is resumed from the folder of the run it continues.
+    """
+    roots = [Path(trainer.default_root_dir)]
+    if trainer.loggers and trainer.loggers[0].save_dir is not None:
+        roots.insert(0, Path(trainer.loggers[0].save_dir) / (trainer.loggers[0].name or ""))
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "dirpath", None):
+            roots.insert(0, Path(cb.dirpath))
+    found = [p for root in roots if root.exists() for p in root.rglob("last*.ckpt") if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"ckpt_path: 'last' found no last*.ckpt under {', '.join(map(str, roots))}")
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def _tokenizer_of(base_model: str, tokenizer: Any) -> str:

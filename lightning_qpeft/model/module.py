@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import AdaLoraConfig
 from torchmetrics import MeanMetric
 
@@ -219,6 +220,7 @@ class QPeftModule(LightningModule):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
         )
+        self._warn_fp16_with_4bit()
         base = prepare_base(base, self.gradient_checkpointing, upcast_norms, self.upcast_embeddings)
         path = resolve_base_model(self.base_model)
         base_path = path if Path(path).is_dir() else None  # LoftQ reads the unquantized weights from here
@@ -266,6 +268,15 @@ class QPeftModule(LightningModule):
         compat.check(self.adapter, self.quantization, self.gradient_checkpointing, self.quant_storage,
                      self.dtype_name, packing=bool(getattr(datamodule, "packing", False)),
                      upcast_norms=self.upcast_norms, compute_dtype=self.compute_dtype)
+
+    def _warn_fp16_with_4bit(self) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if get_quant_mode(self.quantization).is_4bit and ("float16" == self.compute_dtype or precision.startswith("16")):
+            rank_zero_warn(
+                "model.compute_dtype=float16 / trainer.precision=16-* with a 4-bit base is a known source of loss "
+                "collapse (fp16 overflows in the dequantized matmuls); prefer bfloat16 and bf16-mixed on GPUs that "
+                "have it (Ampere and newer)"
+            )
 
     @property
     def method(self) -> str:
@@ -428,7 +439,11 @@ class QPeftModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable tensors, and record what they belong to (checked when loading)."""
         names = set(self.trainable_names())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never replace a good checkpoint with a poisoned one
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
+        checkpoint["state_dict"] = state
         checkpoint["qpeft"] = {
             "base_model": self.base_model,
             "quantization": self.quantization,
