@@ -27,3 +27,11 @@ def test_summary_splits_busy_time_and_reports_idle():
                                                               "element-wise and other": 0.1})
     assert list(summary["categories_s_per_step"])[0] == "matmul"
     assert "idle 50.0 %" in text and "matmul" in text
+
+
+def test_annotation_ranges_are_not_kernels():
+    from lightning_qpeft.utils.profiling import is_annotation
+
+    assert is_annotation("Optimizer.step#PagedAdamW32bit.step") and is_annotation("ProfilerStep#3")
+    assert not is_annotation("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*)")
+    assert not is_annotation("void kOptimizer32bit2State<float, 0>(float*, float*)")
