@@ -44,3 +44,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint") from None
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint ({e})") from None
+
+
+def rng_states() -> dict[str, Any]:
+    """The random generators' states as tensors and plain data (loadable with weights_only=True).
+
+    Lightning does not checkpoint them; without them a resumed run draws other dropout masks than an unbroken
+    one from the resume step on. numpy's state is unpacked because an ndarray would need unpickling code.
+    """
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # this rank's device (ranks start from one seed)
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

@@ -15,11 +15,15 @@ AdaLoRA's total_step) are filled before the adapter config is instantiated (`ada
 
 from __future__ import annotations
 
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_qpeft.callbacks import (
     AdapterExport,
@@ -98,21 +102,31 @@ def check_writable(folder: str, key: str) -> None:
 
 
 def find_last_checkpoint(trainer: Any) -> Optional[str]:
-    """`--ckpt_path last`: the newest last*.ckpt of any earlier version of this run's logger folder.
+    """`--ckpt_path last`: the newest last*.ckpt of this run's checkpoint folders, or None (a fresh start).
 
     Lightning looks for "last" only in the new run's own version folder, which a restarted job has not
-    written yet; a preempted or killed run is resumed from the folder of the run it continues.
+    written yet; a preempted or killed run is resumed from the folder of the run it continues. The folders
+    are searched in order and the first that holds a last*.ckpt wins: the checkpoint callback's `dirpath`,
+    then the logger's versions (`<save_dir>/<name>/version_*/checkpoints`), then
+    `<default_root_dir>/checkpoints` (no logger). Nothing wider: `default_root_dir` may hold other runs.
+    With none found the run starts from scratch, as Lightning's own "last" does, so that a job script can
+    pass `--ckpt_path last` on its first launch and on every requeue.
     """
-    roots = [Path(trainer.default_root_dir)]
-    if trainer.loggers and trainer.loggers[0].save_dir is not None:
-        roots.insert(0, Path(trainer.loggers[0].save_dir) / (trainer.loggers[0].name or ""))
+    searched = []
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "dirpath", None):
-            roots.insert(0, Path(cb.dirpath))
-    found = [p for root in roots if root.exists() for p in root.rglob("last*.ckpt") if p.is_file()]
-    if not found:
-        raise FileNotFoundError(f"ckpt_path: 'last' found no last*.ckpt under {', '.join(map(str, roots))}")
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+            searched.append((Path(cb.dirpath), "last*.ckpt"))
+    if trainer.loggers and trainer.loggers[0].save_dir is not None:
+        logger = trainer.loggers[0]
+        searched.append((Path(logger.save_dir) / (logger.name or ""), "*/checkpoints/last*.ckpt"))
+    searched.append((Path(trainer.default_root_dir) / "checkpoints", "last*.ckpt"))
+    for folder, pattern in searched:
+        found = [p for p in folder.glob(pattern) if p.is_file()] if folder.is_dir() else []
+        if found:
+            return str(max(found, key=lambda p: p.stat().st_mtime))
+    rank_zero_warn("ckpt_path=last: no last*.ckpt under " + ", ".join(str(f) for f, _ in searched)
+                   + "; training starts from scratch")
+    return None
 
 
 def _tokenizer_of(base_model: str, tokenizer: Any) -> str:
@@ -121,4 +135,8 @@ def _tokenizer_of(base_model: str, tokenizer: Any) -> str:
 
 
 def main(args: Any = None) -> None:
-    QPeftCLI(args=args)
+    try:
+        QPeftCLI(args=args)
+    except SIGTERMException:
+        # Lightning exits with 0 here, as if the run had finished; a job script must be able to tell
+        sys.exit(128 + signal.SIGTERM)

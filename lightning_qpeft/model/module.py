@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from peft import AdaLoraConfig
 from torchmetrics import MeanMetric
 
+from lightning_qpeft.checkpointing import rng_states, set_rng_states
 from lightning_qpeft.distributed import fsdp_param_dtype
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import (
@@ -379,6 +380,9 @@ class QPeftModule(LightningModule):
         # from_pretrained returns eval mode, and Lightning keeps modules' modes: without this, dropout and
         # gradient checkpointing would silently be off during training
         self.model.train()
+        if getattr(self, "_rng_to_restore", None) is not None:  # resumed: the dropout masks an unbroken run draws
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_fit_start(self) -> None:
         trainable, total = self.parameter_counts()
@@ -444,6 +448,7 @@ class QPeftModule(LightningModule):
         if bad:  # never replace a good checkpoint with a poisoned one
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
         checkpoint["state_dict"] = state
+        checkpoint["rng"] = rng_states()
         checkpoint["qpeft"] = {
             "base_model": self.base_model,
             "quantization": self.quantization,
@@ -469,3 +474,6 @@ class QPeftModule(LightningModule):
             diffs.append(f"trainable tensors differ (missing {missing}, unexpected {extra})")
         if diffs:
             raise ValueError("ckpt_path: the checkpoint does not match this configuration:\n  " + "\n  ".join(diffs))
+        # applied when training starts again: restoring here, before the loops are set up, would let what
+        # runs in between (sanity checks, validation) draw from them
+        self._rng_to_restore = checkpoint.get("rng")
