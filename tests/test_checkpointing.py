@@ -54,3 +54,38 @@ def test_not_a_checkpoint_is_refused_clearly(tmp_path):
         AtomicCheckpointIO().load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="ckpt_path: no checkpoint at"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_disk_full_during_an_adapter_export_keeps_the_previous_export(tiny_model_dir, tmp_path, monkeypatch):
+    import peft
+    from safetensors.torch import load_file
+
+    from lightning_qpeft.callbacks.adapter_export import export_model
+    from lightning_qpeft.model.loading import load_base_model
+
+    model = peft.get_peft_model(load_base_model(tiny_model_dir, "none", dtype="float32"),
+                                peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    export_model(model, tmp_path / "adapter", {"step": 1})
+    first = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+
+    def disk_full(tensors, filename, *a, **k):
+        with open(filename, "wb") as f:
+            f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(model, tmp_path / "adapter", {"step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind
+    kept = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in kept)
+    assert '"step": 1' in (tmp_path / "adapter" / "qpeft_training.json").read_text()
+    # and the export that did not fail replaces it
+    export_model(model, tmp_path / "adapter", {"step": 3})
+    assert not torch.equal(load_file(tmp_path / "adapter" / "adapter_model.safetensors")[next(iter(first))],
+                           first[next(iter(first))])

@@ -34,7 +34,7 @@ from lightning_qpeft.data.collate import PackCollator, PadCollator, PromptCollat
 from lightning_qpeft.data.samplers import RecordBatchSampler, cut_batches
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
-from lightning_qpeft.model.loading import load_tokenizer, resolve_base_model
+from lightning_qpeft.model.loading import TOKENIZER_KEY, load_tokenizer, resolve_base_model
 
 def column(ds: datasets.Dataset, name: str) -> np.ndarray:
     """One column as a numpy array, read in one Arrow slice (iterating a `Column` formats row by row)."""
@@ -119,6 +119,9 @@ class NLGDataModule(LightningDataModule):
             raise ValueError(f"data.source_max_len: {source_max_len}; use at least 1")
         if not (0 < val_size < 1 or (isinstance(val_size, int) and val_size >= 1)):
             raise ValueError(f"data.val_size: {val_size}; give a fraction in (0, 1) or a record count >= 1")
+        if max_train_records is not None and max_train_records < 1:
+            raise ValueError(f"data.max_train_records: {max_train_records}; give at least 1, or leave it unset "
+                             "for all records")
         if max_tokens is not None and max_tokens < source_max_len + target_max_len:
             raise ValueError(
                 f"data.max_tokens: {max_tokens} is below the longest record (data.source_max_len + "
@@ -152,7 +155,7 @@ class NLGDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         # local rank 0 only, before setup: build the built-in model folder once, not once per rank
-        resolve_base_model(self.tokenizer_name, "model.tokenizer", need_config=False)
+        resolve_base_model(self.tokenizer_name, TOKENIZER_KEY, need_config=False)
 
     # ------------------------------------------------------------------------------ records
     def setup(self, stage: Optional[str] = None) -> None:

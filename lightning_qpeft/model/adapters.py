@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -167,14 +168,20 @@ def attach_adapter(
             None for a hub id (peft then looks in the local hub cache).
     """
     if adapter_path is not None:
-        if not load_adapter_config(adapter_path).is_prompt_learning:
-            return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-        # peft refuses to load prompt-learning adapters as trainable ("Cannot set a prompt learning adapter
-        # to trainable when loading pretrained adapter"), yet leaves their embedding requiring grad: freeze
-        # it, so that they load for evaluation and prediction only (QPeftModule says so if asked to train)
-        peft_model = PeftModel.from_pretrained(model, adapter_path)
-        for p in peft_model.parameters():
-            p.requires_grad_(False)
+        prompt_learning = load_adapter_config(adapter_path).is_prompt_learning
+        try:
+            # peft reads adapter_model.safetensors, or a legacy adapter_model.bin with weights_only=True
+            # peft refuses to load prompt-learning adapters as trainable ("Cannot set a prompt learning adapter
+            # to trainable when loading pretrained adapter"), yet leaves their embedding requiring grad: they
+            # are frozen below, so that they load for evaluation and prediction only (QPeftModule says so if
+            # asked to train them)
+            peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=not prompt_learning)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"model.adapter_path: {adapter_path!r} holds a pickle with more than tensors (refused: "
+                             f"loading it could run code): {str(e).strip().splitlines()[-1]}") from None
+        if prompt_learning:
+            for p in peft_model.parameters():
+                p.requires_grad_(False)
         return peft_model
     if adapter is None:
         return model

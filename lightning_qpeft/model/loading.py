@@ -17,12 +17,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, resolve_dtype
 from lightning_qpeft.model.random_init import build_random_model, is_random
 from lightning_qpeft.model.tiny import BUILTIN_MODELS
+
+# the data module tokenizes with model.tokenizer, which is model.base_model unless set
+TOKENIZER_KEY = "model.tokenizer (model.base_model unless set)"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_REMOTE_CODE_HINT = ("; its code would run on load: set model.trust_remote_code=true only if you have read it "
+                     "and trust it")
+# encoder models that transformers also maps to a causal-LM class (a decoder head bolted on for generation)
+NOT_DECODER_ONLY = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "rembert", "roformer",
+                    "bert-generation", "data2vec-text", "xmod", "megatron-bert", "big_bird"}
 
 
 def resolve_base_model(name_or_path: str, key: str = "model.base_model", need_config: bool = True) -> str:
@@ -60,8 +70,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if is_random(name_or_path):
         raise ValueError(f"model.tokenizer: {name_or_path} has random weights and no tokenizer; set model.tokenizer "
                          "to a tokenizer folder or hub id")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name_or_path, "model.tokenizer", need_config=False),
-                                              trust_remote_code=trust_remote_code)
+    path = resolve_base_model(name_or_path, TOKENIZER_KEY, need_config=False)
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"{TOKENIZER_KEY}: {path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         "set model.tokenizer to a folder or hub id that has one")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{TOKENIZER_KEY}: cannot load a tokenizer from {path!r}: {_first_line(e)}"
+                         f"{_REMOTE_CODE_HINT if 'trust_remote_code' in str(e) else ''}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     if tokenizer.pad_token is None:
@@ -72,12 +89,25 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 def check_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> None:
     """Refuse, before loading any weight, a model that is not a causal language model."""
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.base_model: cannot read the config of {name_or_path!r}: {_first_line(e)}"
+                         f"{_REMOTE_CODE_HINT if 'trust_remote_code' in str(e) else ''}") from e
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ValueError(
             f"model.base_model: {name_or_path!r} is a {config.model_type!r} model, not a causal language model "
             f"(architectures: {config.architectures}); give a LLaMA-family (decoder-only) model"
         )
+    if config.model_type in NOT_DECODER_ONLY:
+        raise ValueError(
+            f"model.base_model: {name_or_path!r} is a {config.model_type!r} model, whose causal-LM head is an "
+            "encoder's add-on, not a decoder-only language model; give a LLaMA-family (decoder-only) model"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_base_model(
@@ -109,13 +139,16 @@ def load_base_model(
         model.config.use_cache = False
         return model
     check_causal_lm(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=bnb_config(mode, compute_dtype, quant_storage),
-        dtype=torch_dtype,
-        device_map={"": device},
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=bnb_config(mode, compute_dtype, quant_storage),
+            dtype=torch_dtype,
+            device_map={"": device},
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, SafetensorError) as e:  # missing or torn weight files; not CUDA errors (RuntimeError)
+        raise ValueError(f"model.base_model: cannot load the weights of {path!r}: {_first_line(e)}") from e
     model.config.use_cache = False  # training; generation turns it on per call
     return model

@@ -210,7 +210,7 @@ class QPeftModule(LightningModule):
         compat.check_device(self.adapter, self.quantization, device)
         if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None and self._fitting():
             # AdaLoRA's rank schedule is laid out over the run's optimizer steps, which only the trainer knows
-            self.adapter = with_total_steps(self.adapter, int(self.trainer.estimated_stepping_batches))
+            self.adapter = with_total_steps(self.adapter, self._total_steps(f"model.adapter={self.method}"))
         base = load_base_model(
             self.base_model,
             quantization=self.quantization,
@@ -437,8 +437,16 @@ class QPeftModule(LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         if needs_total_steps(scheduler):
-            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+            scheduler.set_total_steps(self._total_steps(f"model.lr_scheduler ({type(scheduler).__name__})"))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self, what: str) -> int:
+        """The run's optimizer steps, for schedules laid out over them; refused when the run has no end."""
+        steps = self.trainer.estimated_stepping_batches
+        if steps == float("inf"):
+            raise ValueError(f"{what} is laid out over the run's optimizer steps, and this run has no set length: "
+                             "set trainer.max_steps or trainer.max_epochs")
+        return int(steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable tensors, and record what they belong to (checked when loading)."""
