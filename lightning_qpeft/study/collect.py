@@ -30,7 +30,9 @@ KNOWN_METRICS = QUALITY_METRICS + COST_METRICS + ("train/loss",)
 REDUCE_MAX = ("perf/peak_memory_gib",)
 
 # "model.adapter: ...", "data.path: ...", "ckpt_path: ...": the project's refusals name the key first
-_REFUSAL = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|ckpt_path|seed_everything)(?:\[[^\]]*\])?: ")
+# "key: ...", "key[0]: ...", "key (note): ..." and the compatibility table's "model.adapter=x cannot run with ..."
+_REFUSAL = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|ckpt_path|seed_everything)(?:\[[^\]]*\])?"
+                      r"(?: \([^)]*\))?(?:: |=\S+ cannot run with )")
 
 
 def is_refusal(error: BaseException | str) -> bool:
