@@ -36,6 +36,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--devices", type=Optional[list[Union[int, str]]], default=None,
                         help="CUDA devices to run cells on concurrently, one cell per device, e.g. [0,1,2,3]; "
                              "default: one cell at a time")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="without --devices: cells run at once (CPU studies; each gets cpu_count // workers "
+                             "threads)")
     parser.add_argument("--dry_run", type=bool, default=False, help="list the cells and their arguments; run nothing")
     parser.add_argument("--report_only", type=bool, default=False, help="rewrite the outputs from finished cells")
     parser.add_argument("--readme", type=Optional[str], default=None,
@@ -57,7 +60,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if spec.name is None:
         configs = cfg.get("config") or []
         spec.name = Path(str(configs[-1])).stem if configs else "study"
-    runner = StudyRunner(spec, rerun=cfg.rerun, max_cells=cfg.max_cells, precheck=cfg.precheck, devices=cfg.devices)
+    runner = StudyRunner(spec, rerun=cfg.rerun, max_cells=cfg.max_cells, precheck=cfg.precheck, devices=cfg.devices,
+                         workers=cfg.workers)
     if cfg.dry_run:
         for cell in runner.cells:
             state = (runner.result(cell) or {}).get("status", "not run")

@@ -66,13 +66,19 @@ class StudyRunner:
         log: where progress lines go.
         devices: CUDA device ids; cells run concurrently, one per device (CUDA_VISIBLE_DEVICES); None: one
             cell at a time, devices as the environment has them.
+        workers: without `devices`, how many cells run at once (CPU studies: each process then gets
+            cpu_count // workers threads through OMP_NUM_THREADS, unless the environment sets it).
     """
 
     def __init__(self, spec: StudySpec, rerun: str = "none", max_cells: Optional[int] = None,
                  precheck: bool = True, python: str = sys.executable, log: Callable[[str], None] = print,
-                 devices: Optional[list[str]] = None) -> None:
+                 devices: Optional[list[str]] = None, workers: int = 1) -> None:
         if rerun not in RERUN:
             raise ValueError(f"rerun: {rerun!r}; choose one of {', '.join(RERUN)}")
+        if workers < 1:
+            raise ValueError(f"workers: {workers}; give at least 1")
+        if devices and workers > 1:
+            raise ValueError("workers and devices: set one (with devices, one cell runs on each)")
         self.spec = spec
         self.cells = expand(spec)
         self.out = spec.out_dir()
@@ -82,6 +88,7 @@ class StudyRunner:
         self.python = python
         self.log = log
         self.devices = [str(d) for d in devices or []]
+        self.workers = workers
         self._lock = threading.RLock()  # progress lines, reports and the set of live processes
         self._live: set[subprocess.Popen] = set()
         self._done = 0
@@ -136,31 +143,40 @@ class StudyRunner:
                                       "metrics": {}, "config": ""}, wall_time=None)
             self._report_progress(cell, res, len(todo))
         runnable = [c for c in todo if c.id not in refused]
-        if len(self.devices) <= 1:
-            env = {"CUDA_VISIBLE_DEVICES": self.devices[0]} if self.devices else {}
+        slots = self.slots()
+        if len(slots) == 1:
             for cell in runnable:
-                self._report_progress(cell, self.run_cell(cell, env), len(todo))
+                self._report_progress(cell, self.run_cell(cell, slots[0]), len(todo))
         else:
-            self._run_parallel(runnable, len(todo))
+            self._run_parallel(runnable, len(todo), slots)
         write_reports(self, plots=True)
         return [self.result(c) for c in self.cells]
 
-    def _run_parallel(self, cells: list[Cell], total: int) -> None:
-        """One cell per device at a time (CUDA_VISIBLE_DEVICES set to it): each still has a process and a
-        GPU of its own, so its memory figures stay its own."""
+    def slots(self) -> list[dict[str, str]]:
+        """The environment of each concurrent cell: a GPU each, or a share of the CPU cores each."""
+        if self.devices:
+            return [{"CUDA_VISIBLE_DEVICES": d} for d in self.devices]
+        if self.workers == 1 or "OMP_NUM_THREADS" in os.environ:
+            return [{}] * self.workers
+        # without a cap each process would start one thread per core, and N processes would fight over them
+        return [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.workers))}] * self.workers
+
+    def _run_parallel(self, cells: list[Cell], total: int, slots: list[dict[str, str]]) -> None:
+        """One cell per slot at a time: each still has a process (and a GPU) of its own, so its memory
+        figures stay its own."""
         free: queue.Queue = queue.Queue()
-        for d in self.devices:
-            free.put(d)
+        for slot in slots:
+            free.put(slot)
 
         def work(cell: Cell) -> None:
-            device = free.get()
+            slot = free.get()
             try:
-                res = self.run_cell(cell, {"CUDA_VISIBLE_DEVICES": device})
+                res = self.run_cell(cell, slot)
             finally:
-                free.put(device)
+                free.put(slot)
             self._report_progress(cell, res, total)
 
-        pool = ThreadPoolExecutor(max_workers=len(self.devices), thread_name_prefix="cell")
+        pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="cell")
         futures = [pool.submit(work, c) for c in cells]
         try:
             for f in as_completed(futures):

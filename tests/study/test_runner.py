@@ -307,3 +307,31 @@ def test_precheck_refuses_what_the_run_would_refuse(tiny_model_dir):
     first, second = (refused[c.id] for c in runner.cells)
     assert first == "configuration: error: unrecognized arguments: --model.quantisation nf4"
     assert second.startswith('configuration: error: Parser key "model.adapter"') and "Got value: eight" in second
+
+
+def test_cpu_workers_run_cells_concurrently_with_a_share_of_the_threads(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    spec = StudySpec(base_config="configs/tiny.yaml", axes={"model.quantization": ["none", "nf4", "fp4"]},
+                     output_dir=str(tmp_path / "s"))
+    python = fake_python(tmp_path, 'd="$(dirname "$3")"; echo "$OMP_NUM_THREADS $(date +%s.%N)" > "$d/start"; '
+                                   'sleep 1; echo "$(date +%s.%N)" > "$d/end"')
+    results = StudyRunner(spec, precheck=False, python=python, log=lambda s: None, workers=2).run()
+    assert [r["status"] for r in results] == ["done"] * 3
+    spans = []
+    for cdir in (tmp_path / "s" / "cells").iterdir():
+        threads, start = (cdir / "start").read_text().split()
+        spans.append((threads, float(start), float((cdir / "end").read_text())))
+    assert {t for t, _, _ in spans} == {"2"}  # 4 cores / 2 workers
+    starts = sorted(s for _, s, _ in spans)
+    ends = sorted(e for _, _, e in spans)
+    assert starts[1] < ends[0]  # two ran at once
+    assert starts[2] >= ends[0] - 0.05  # and never three
+
+
+def test_workers_and_devices_are_exclusive(tmp_path):
+    spec = StudySpec(base_config="configs/tiny.yaml", axes={"model.quantization": ["nf4"]}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="workers and devices: set one"):
+        StudyRunner(spec, devices=["0", "1"], workers=2)
+    with pytest.raises(ValueError, match="workers: 0"):
+        StudyRunner(spec, workers=0)
