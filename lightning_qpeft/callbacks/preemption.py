@@ -36,7 +36,10 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if getattr(trainer, "received_sigterm", False):
+        # one process only: saving is collective (a barrier, FSDP's gather), and on several ranks the flag is
+        # each rank's own until Lightning broadcasts it at the next batch start, where all ranks raise together
+        # and on_exception below saves on all of them
+        if getattr(trainer, "received_sigterm", False) and trainer.world_size == 1:
             self._save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

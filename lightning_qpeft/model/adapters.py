@@ -169,12 +169,11 @@ def attach_adapter(
     """
     if adapter_path is not None:
         prompt_learning = load_adapter_config(adapter_path).is_prompt_learning
+        # peft refuses to load prompt-learning adapters as trainable ("Cannot set a prompt learning adapter to
+        # trainable when loading pretrained adapter"), yet leaves their embedding requiring grad: they are
+        # frozen below, so that they load for evaluation and prediction only (QPeftModule says so if asked to
+        # train them). peft reads adapter_model.safetensors, or a legacy adapter_model.bin with weights_only.
         try:
-            # peft reads adapter_model.safetensors, or a legacy adapter_model.bin with weights_only=True
-            # peft refuses to load prompt-learning adapters as trainable ("Cannot set a prompt learning adapter
-            # to trainable when loading pretrained adapter"), yet leaves their embedding requiring grad: they
-            # are frozen below, so that they load for evaluation and prediction only (QPeftModule says so if
-            # asked to train them)
             peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=not prompt_learning)
         except pickle.UnpicklingError as e:
             raise ValueError(f"model.adapter_path: {adapter_path!r} holds a pickle with more than tensors (refused: "

@@ -160,6 +160,7 @@ class QPeftModule(LightningModule):
         if adapter is not None and adapter_path is not None:
             raise ValueError("model.adapter and model.adapter_path: set one (a new adapter, or a trained one)")
         self.adapter_path = adapter_path
+        self._rng_to_restore: Optional[dict[str, Any]] = None  # set by on_load_checkpoint, applied at train start
         self.adapter = load_adapter_config(adapter_path) if adapter_path is not None else adapter
         # the compatibility table refuses impossible combinations here, before any weight loads
         compat.check(self.adapter, quantization, gradient_checkpointing, quant_storage, dtype,
@@ -380,7 +381,7 @@ class QPeftModule(LightningModule):
         # from_pretrained returns eval mode, and Lightning keeps modules' modes: without this, dropout and
         # gradient checkpointing would silently be off during training
         self.model.train()
-        if getattr(self, "_rng_to_restore", None) is not None:  # resumed: the dropout masks an unbroken run draws
+        if self._rng_to_restore is not None:  # resumed: draw the dropout masks an unbroken run draws
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
