@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,12 @@ class Bench:
         self.say(f"{name}: {status} ({time.time() - t:.0f} s)")
         return rc, text
 
+    def python_json(self, name: str, code: str, tag: str, need_s: float) -> tuple[int, Optional[dict]]:
+        """Run a `python -c` snippet that prints `TAG {json}`; returns (exit code, that JSON or None)."""
+        rc, text = self.sh(name, [sys.executable, "-c", code], need_s=need_s)
+        found = [line[len(tag) + 1:] for line in text.splitlines() if line.startswith(tag + " ")]
+        return rc, json.loads(found[-1]) if found else None
+
     # --------------------------------------------------------------------------------------- set-up
     def environment(self) -> bool:
         code = ("import importlib, json, torch; mods = ['torch','transformers','peft','bitsandbytes','lightning',"
@@ -112,11 +119,10 @@ class Bench:
                 "version('liger-kernel')\nexcept ImportError: v['liger_kernel'] = None\n"
                 "v['device'] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'\n"
                 "import lightning.pytorch.cli, lightning_qpeft.cli\nprint('VERSIONS', json.dumps(v))")
-        rc, text = self.sh("environment", [sys.executable, "-c", code], need_s=0)
-        for line in text.splitlines():
-            if line.startswith("VERSIONS "):
-                self.results["versions"] = json.loads(line[9:])
-                self.say("versions: " + line[9:])
+        rc, versions = self.python_json("environment", code, "VERSIONS", need_s=0)
+        if versions is not None:
+            self.results["versions"] = versions
+            self.say("versions: " + json.dumps(versions))
         return rc == 0
 
     def checkpoint(self) -> bool:
@@ -209,10 +215,9 @@ class Bench:
             "same = sum(t['input_ids'] == i and t['labels'] == l for t, i, l in zip(theirs, ours['input_ids'], ours['labels']))\n"
             "print('TOKENS', json.dumps({'records': len(recs), 'identical': same, 'pad_id': ours_tok.pad_token_id,"
             " 'pass': same == len(recs) and ours_tok.pad_token_id == 0}))\n")
-        rc, text = self.sh("check/tokens", [sys.executable, "-c", code], need_s=20)
-        for line in text.splitlines():
-            if line.startswith("TOKENS "):
-                self.results["checks"]["tokens_match"] = json.loads(line[7:])
+        _, tokens = self.python_json("check/tokens", code, "TOKENS", need_s=20)
+        if tokens is not None:
+            self.results["checks"]["tokens_match"] = tokens
 
     def same_training(self, suite: str, data_args: list[str], data_kwargs: dict, flags: list[str]) -> None:
         ref = self.work / f"check-{suite}-reference"

@@ -47,14 +47,6 @@ MERGEABLE = [pytest.param(m.name, merge_mode(m), id=f"{m.name}-{merge_mode(m)}")
 NOT_MERGEABLE = [m.name for m in compat.METHODS.values() if m.merge is not None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; see tests/model/test_adapters.py
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))

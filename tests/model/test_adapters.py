@@ -37,16 +37,6 @@ SUPPORTED = [pytest.param(m.name, q, id=f"{m.name}-{q}") for m, q, c in compat.c
 _totals: dict[str, tuple[int, int]] = {}  # method -> (trainable, total) on the first mode tested (none)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded 2-core machine OpenMP's waiting made
-    these tests ~20x slower (measured: 3 LoRA steps 0.07 s of CPU with 1 thread, 4.7 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def adapter_config(method: str, base_model: str, **overrides):
     return compat.load_method_config(method, base_model=base_model, **{**TINY_OVERRIDES.get(method, {}), **overrides})
 

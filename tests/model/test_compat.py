@@ -27,16 +27,6 @@ REFUSED = cells_with(compat.Status.REFUSED)
 CUDA = cells_with(compat.Status.CUDA)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded 2-core machine OpenMP's waiting made
-    these tests ~20x slower (measured: 3 LoRA steps 0.07 s of CPU with 1 thread, 4.7 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(method: str, **init_args):
     return compat.load_method_config(method, base_model="checkpoints/tiny-llama", **init_args)
 
