@@ -15,6 +15,7 @@
 #                                                                                extensions: there)
 #   torchdata                             StatefulDataLoader                    (urllib3, requests: there)
 #   liger-kernel                          model.loss fused on CUDA (optional)   (torch, triton: there)
+#   py-spy                                benchmarks --pyspy: where the CPU time of a step goes
 # Versions are this project's venv's (pip list), so the device runs what the CPU tests ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +26,12 @@ WHEELS=(
   jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
   torchdata==0.11.0
   liger-kernel==0.8.5
+  py-spy==0.4.3                           # benchmarks: --pyspy (a static binary in a py2.py3 wheel)
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
+  --platform manylinux1_x86_64 --platform any \
   -d .whl "${WHEELS[@]}"
 
 # bitsandbytes ships a library for every CUDA/ROCm/XPU version (43 MB); the device's torch is cu130, so keep the

@@ -2,7 +2,7 @@
 
 On the device machine, from the repository root, with bench_data/ and .whl/ carried (benchmarks/RESULTS.md):
 
-    bash benchmarks/qlora_speed.sh --out $OUT --suites real,fixed --variants plain,fused --check real
+    bash benchmarks/qlora_speed.sh --out $OUT --suites real,fixed --variants default,fused --check real
 
 What runs, in this order (each in its own process, so each starts with an empty GPU):
 1. the random-weight Llama-2-7B checkpoint (bf16, built on the GPU by the peer's own make_checkpoint, the LLaMA-2
@@ -29,7 +29,7 @@ steps of each of our runs just before its measured window (`efficiency.profile_s
 goes, by kernel category, and how long the GPU waits for the CPU.
 
 Writes under --out: results.json (every number), table.md (the table), runs.log (every process's output),
-profiles.txt (with --profile).
+profiles.txt (with --profile), pyspy.txt (with --pyspy: where the CPU time goes, benchmarks/pyspy_summary.py).
 """
 
 from __future__ import annotations
@@ -48,16 +48,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "llama2-7b" / "qlora-alpaca.yaml"
+# configs/llama2-7b/qlora-alpaca.yaml compiles and pads to multiples of 64 (what measured fastest); the presets
+# say every speed switch explicitly, so each keeps meaning what it measured when the config's defaults move.
+EAGER = ["--model.compile", "false", "--data.pad_to_multiple_of", "null"]
 PRESETS: dict[str, list[str]] = {
-    "plain": ["--model.loss", "standard"],  # the recipe as transformers computes its loss
-    "fused": ["--model.loss", "fused"],  # LM head + CE at supervised positions, chunked (liger on CUDA)
-    "upcast": ["--model.loss", "standard", "--model.upcast_embeddings", "true"],  # the peer's fp32 embed/head
-    "packing": ["--model.loss", "fused", "--data.packing", "true"],  # one padding-free row per micro-batch
-    "grouped": ["--model.loss", "fused", "--data.group_by_length", "true"],  # the peer's length-grouped order
-    "bf16-norms": ["--model.loss", "fused", "--model.upcast_norms", "false"],  # bf16 activations (see RESULTS)
-    "compile": ["--model.loss", "fused", "--model.compile", "true"],
-    "no-ckpt": ["--model.loss", "fused", "--model.gradient_checkpointing", "false"],
-    "tokens4k": ["--model.loss", "fused", "--data.max_tokens", "4096"],  # changes records per step
+    "default": [],  # the config as it is
+    "plain": ["--model.loss", "standard", *EAGER],  # the recipe as transformers computes its loss
+    "fused": ["--model.loss", "fused", *EAGER],  # LM head + CE at supervised positions, chunked (liger on CUDA)
+    "upcast": ["--model.loss", "standard", "--model.upcast_embeddings", "true", *EAGER],  # the peer's fp32 embed/head
+    "packing": ["--model.loss", "fused", "--data.packing", "true", *EAGER],  # one padding-free row per micro-batch
+    "grouped": ["--model.loss", "fused", "--data.group_by_length", "true", *EAGER],  # the peer's length-grouped order
+    "bf16-norms": ["--model.loss", "fused", "--model.upcast_norms", "false", *EAGER],  # bf16 activations (RESULTS)
+    "compile": ["--model.loss", "fused", "--model.compile", "true", "--data.pad_to_multiple_of", "null"],
+    # compile, with padded lengths rounded up to 64: a few shapes (cuBLAS, Triton and compiled graphs reused)
+    "compile64": ["--model.loss", "fused", "--model.compile", "true", "--data.pad_to_multiple_of", "64"],
+    "pad64": ["--model.loss", "fused", "--model.compile", "false", "--data.pad_to_multiple_of", "64"],  # eager
+    "no-ckpt": ["--model.loss", "fused", "--model.gradient_checkpointing", "false", *EAGER],
+    "tokens4k": ["--model.loss", "fused", "--data.max_tokens", "4096", *EAGER],  # changes records per step
+    # torch's fused AdamW (one kernel for all tensors, no synchronisation) instead of bitsandbytes' paged AdamW
+    # 32-bit, which synchronises the GPU after each of the 448 LoRA tensors; the same update rule and fp32 states
+    "adamw": ["--model.loss", "fused", "--model.optimizer",
+              "{class_path: torch.optim.AdamW, init_args: {lr: 0.0002, weight_decay: 0.0, fused: true}}", *EAGER],
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
@@ -75,6 +86,9 @@ class Bench:
         self.log = open(self.out / "runs.log", "a")
         args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
         self.results: dict = {"runs": [], "checks": {}, "args": args}
+        self.pyspy = find_pyspy() if a.pyspy else None
+        if a.pyspy and not self.pyspy:
+            print("--pyspy: no py-spy binary (pip install py-spy, or its wheel in .whl/): runs not sampled")
 
     def left(self) -> float:
         return self.a.budget_s - (time.time() - self.t0)
@@ -85,13 +99,19 @@ class Bench:
         self.log.write(line + "\n")
         self.log.flush()
 
-    def sh(self, name: str, cmd: list[str], need_s: float = 60) -> tuple[int, str]:
-        """Run one process, its output to runs.log; returns (exit code, output). Skipped without budget."""
+    def sh(self, name: str, cmd: list[str], need_s: float = 60, sample: bool = False) -> tuple[int, str]:
+        """Run one process, its output to runs.log; returns (exit code, output). Skipped without budget.
+        `sample`: under py-spy (with --pyspy), its summary appended to pyspy.txt."""
         if self.left() < need_s:
             self.say(f"{name}: skipped ({self.left():.0f} s of budget left, needs ~{need_s:.0f})")
             return -1, "skipped"
         self.say(f"{name}: " + (f"python -c <{len(cmd[2])} characters>" if cmd[1:2] == ["-c"] else shlex.join(cmd)))
         t = time.time()
+        raw = self.out / ("pyspy-" + name.replace("/", "-") + ".txt")
+        if sample and self.pyspy:
+            # --idle: also the samples where Python waits (a CUDA synchronisation, the GIL), so the shares add up
+            # to the wall time; sampled from outside the process, ~1 % overhead at 100 Hz
+            cmd = [self.pyspy, "record", "--idle", "--rate", "100", "--format", "raw", "-o", str(raw), "--", *cmd]
         try:
             p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                timeout=max(self.left(), 10))
@@ -102,6 +122,11 @@ class Bench:
         self.log.flush()
         status = "ok" if rc == 0 else f"FAILED rc={rc}:\n" + "\n".join(text.strip().splitlines()[-15:])
         self.say(f"{name}: {status} ({time.time() - t:.0f} s)")
+        if sample and self.pyspy and raw.exists():
+            summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pyspy_summary.py"), str(raw),
+                                      "--top", "40"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            with open(self.out / "pyspy.txt", "a") as f:
+                f.write(f"===== {name}\n{summary.stdout}\n")
         return rc, text
 
     def python_json(self, name: str, code: str, tag: str, need_s: float) -> tuple[int, Optional[dict]]:
@@ -146,7 +171,7 @@ class Bench:
         cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG),
                "--model.base_model", str(self.a.ckpt), "--trainer.default_root_dir", str(run_dir),
                "--adapter_export.enabled", "false", *QUIET, *data_args, *steps, *flags]
-        rc, _ = self.sh(f"{suite}/ours-{name}", cmd, need_s=self.a.min_run_s)
+        rc, _ = self.sh(f"{suite}/ours-{name}", cmd, need_s=self.a.min_run_s, sample=True)
         row = {"suite": suite, "run": f"ours-{name}", "flags": " ".join(flags), "rc": rc}
         perf = run_dir / "lightning_logs" / "version_0" / "perf.json"
         if rc == 0 and perf.exists():
@@ -169,7 +194,7 @@ class Bench:
         rc, _ = self.sh("real/peer", [sys.executable, str(self.a.peer_dir / "peer_trainer.py"), str(self.a.ckpt),
                                       str(self.a.tokenizer), str(data), "--batch", "16", "--accum", "1",
                                       "--warmup", str(epoch_steps), "--steps", str(epoch_steps), "--out", str(out)],
-                        need_s=self.a.min_run_s)
+                        need_s=self.a.min_run_s, sample=True)
         row = {"suite": "real", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (group_by_length)",
                "rc": rc}
         if rc == 0 and out.exists():
@@ -303,6 +328,16 @@ class Bench:
         print("\n" + text, flush=True)
 
 
+def find_pyspy() -> Optional[str]:
+    """py-spy on PATH, or the binary its wheel puts in <target>/bin when installed with --target (qlora_speed.sh)."""
+    found = shutil.which("py-spy")
+    for entry in sys.path if not found else []:
+        candidate = Path(entry) / "bin" / "py-spy"
+        if entry and candidate.is_file():
+            return str(candidate)
+    return found
+
+
 def variants(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
     out = []
     for name in [v for v in a.variants.split(",") if v]:
@@ -327,7 +362,7 @@ def main() -> None:
                     help="the random-weight checkpoint (peer_fixed_length.py uses /tmp/ckpt-llama2-7b)")
     ap.add_argument("--work", default="/tmp/qpeft_bench", help="run folders")
     ap.add_argument("--suites", default="real,fixed")
-    ap.add_argument("--variants", default="plain,fused", help=f"comma-separated presets: {', '.join(PRESETS)}")
+    ap.add_argument("--variants", default="default,fused", help=f"comma-separated presets: {', '.join(PRESETS)}")
     ap.add_argument("--variant", action="append", default=[], help="NAME='extra CLI flags' (repeatable)")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer runs (ratios then missing)")
     ap.add_argument("--check", default="real", help="same-training check on: real, fixed, both or none")
@@ -336,6 +371,8 @@ def main() -> None:
     ap.add_argument("--fixed-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each of our runs")
+    ap.add_argument("--pyspy", action="store_true", help="sample the Python stacks of our runs and the peer's "
+                    "real run with py-spy (where the CPU time goes: pyspy.txt)")
     ap.add_argument("--budget-s", type=float, default=540, help="skip runs that would end after this")
     ap.add_argument("--min-run-s", type=float, default=50, help="budget a run needs to be started")
     a = ap.parse_args()

@@ -19,6 +19,26 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One boolean tensor: every element of every tensor is finite.
+
+    Uses the multi-tensor kernel GradScaler checks gradients with (one launch per device and dtype, unscaling by
+    exactly 1.0, which leaves every value as it is) rather than isfinite().all() per tensor: LoRA on every linear
+    layer of Llama-2-7B has 448 gradient tensors, and two small kernels each were ~900 launches a step.
+    """
+    if not tensors:
+        return torch.tensor(True)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    found = torch.zeros((), device=tensors[0].device)
+    for (device, _), group in groups.items():
+        found_here = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_here, torch.ones(1, device=device))
+        found = found + found_here.to(found.device).squeeze()
+    return found == 0
+
+
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under `nonfinite.policy=stop`."""
 
@@ -47,8 +67,7 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        finite = finite & torch.tensor(self._loss_finite, device=finite.device)
+        finite = all_finite(grads) & self._loss_finite
         self._loss_finite = True
         # every rank must take the same decision, or DDP ranks would drift apart
         finite = bool(trainer.strategy.reduce(finite.float(), reduce_op="min") > 0) if trainer.world_size > 1 \

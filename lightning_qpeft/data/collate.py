@@ -15,7 +15,7 @@ never predicted), `truncated` and its source `row`, kept in the Arrow cache for 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -66,14 +66,24 @@ def tokenize_prompts(batch: dict[str, list], tokenizer: Any, template: Any, sour
     return {"input_ids": [x[-source_max_len:] for x in ids], "prompt": sources}
 
 
-class PadCollator:
-    """Right-pads a training batch to its longest record: input_ids, attention_mask, labels (B, T)."""
+def padded_length(longest: int, multiple: Optional[int]) -> int:
+    """`longest` rounded up to a multiple of `multiple` (None: unchanged)."""
+    return longest if not multiple else -(-longest // multiple) * multiple
 
-    def __init__(self, pad_token_id: int) -> None:
+
+class PadCollator:
+    """Right-pads a training batch to its longest record: input_ids, attention_mask, labels (B, T).
+
+    `pad_to_multiple_of` rounds T up (as transformers' collators do): a few distinct shapes instead of one per
+    longest record, so that shape-keyed work (torch.compile graphs, cuBLAS and Triton kernel choices) is reused.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> None:
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in records)
+        longest = padded_length(max(len(r["input_ids"]) for r in records), self.pad_to_multiple_of)
         ids = torch.full((len(records), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(records), longest), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(records), longest), dtype=torch.long)

@@ -7,6 +7,7 @@ Config keys (`data.*`):
     template:         prompt template (`templates.py`); default: the task's (or what its file layout implies)
     train_on_source, source_max_len, target_max_len: see `collate.py`
     packing:          train on padding-free packed rows (`collate.PackCollator`); validation stays padded
+    pad_to_multiple_of: round padded batches' length up to a multiple of this (fewer distinct shapes)
     group_by_length, max_tokens: training batch composition (`samplers.py`)
     val_size:         records split off train for validation when no validation split exists (a fraction
                       < 1, or a count); the split is seeded by `seed`
@@ -30,7 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_qpeft.data.collate import PackCollator, PadCollator, PromptCollator, tokenize_prompts, tokenize_records
+from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
+                                         tokenize_records)
 from lightning_qpeft.data.samplers import RecordBatchSampler, cut_batches
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
@@ -71,6 +73,8 @@ class NLGDataModule(LightningDataModule):
         batch_size: records per training micro-batch.
         eval_batch_size: records per validation/test/predict batch (default: batch_size).
         packing: flatten each training micro-batch into one padding-free row (position ids restart per record).
+        pad_to_multiple_of: round the length of padded batches up to a multiple of this (e.g. 64), so that
+            torch.compile, cuBLAS and Triton see a few shapes rather than one per longest record.
         group_by_length: put records of similar length into the same training micro-batch.
         max_tokens: token budget of a training micro-batch (instead of batch_size records).
         num_workers: DataLoader worker processes.
@@ -102,6 +106,7 @@ class NLGDataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
         packing: bool = False,
+        pad_to_multiple_of: Optional[int] = None,
         group_by_length: bool = False,
         max_tokens: Optional[int] = None,
         num_workers: int = 0,
@@ -122,6 +127,10 @@ class NLGDataModule(LightningDataModule):
         if max_train_records is not None and max_train_records < 1:
             raise ValueError(f"data.max_train_records: {max_train_records}; give at least 1, or leave it unset "
                              "for all records")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"data.pad_to_multiple_of: {pad_to_multiple_of}; give at least 1, or leave it unset")
+        if pad_to_multiple_of and packing:
+            raise ValueError("data.pad_to_multiple_of pads batches; data.packing makes padding-free rows: set one")
         if max_tokens is not None and max_tokens < source_max_len + target_max_len:
             raise ValueError(
                 f"data.max_tokens: {max_tokens} is below the longest record (data.source_max_len + "
@@ -144,6 +153,7 @@ class NLGDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.packing, self.group_by_length, self.max_tokens = packing, group_by_length, max_tokens
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.num_workers = num_workers
         self.seed = seed
         self.trust_remote_code = trust_remote_code
@@ -277,9 +287,12 @@ class NLGDataModule(LightningDataModule):
             group_by_length=self.group_by_length, seed=self.seed, num_replicas=world, rank=rank,
         )
 
+    def _pad_collator(self) -> PadCollator:
+        return PadCollator(self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
     def train_dataloader(self) -> DataLoader:
         ds = self.tokenized["train"].with_format(None)
-        collate = PackCollator() if self.packing else PadCollator(self.tokenizer.pad_token_id)
+        collate = PackCollator() if self.packing else self._pad_collator()
         sampler = self.train_sampler()
         self._log_statistics(sampler)
         # StatefulDataLoader: Lightning saves its position (sampler state, batches yielded) in checkpoints,
@@ -298,13 +311,13 @@ class NLGDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(
-            self.tokenized["validation"], False, self.eval_batch_size, PadCollator(self.tokenizer.pad_token_id)
+            self.tokenized["validation"], False, self.eval_batch_size, self._pad_collator()
         )
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.tokenized:
             raise DataError(f"data.test_path: task {self.task!r} has no test split here; set data.test_path")
-        return self._loader(self.tokenized["test"], False, self.eval_batch_size, PadCollator(self.tokenizer.pad_token_id))
+        return self._loader(self.tokenized["test"], False, self.eval_batch_size, self._pad_collator())
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(
@@ -325,7 +338,7 @@ class NLGDataModule(LightningDataModule):
         else:  # the plain loader's first epoch: torchdata's RandomSampler draws randperm from the seeded generator
             order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).numpy()
             batches = cut_batches(order, lengths, self.batch_size, None, self.packing)
-        slots = sum(len(b) * int(lengths[b].max()) for b in batches)
+        slots = sum(len(b) * padded_length(int(lengths[b].max()), self.pad_to_multiple_of) for b in batches)
         tokens = int(lengths.sum())
         return {
             "data/records": len(lengths),

@@ -32,6 +32,17 @@ def test_pack_collator_restarts_positions_and_masks_every_boundary():
     assert batch["labels"][0].tolist() == flat
 
 
+@pytest.mark.parametrize("multiple, expected", [(None, 11), (1, 11), (4, 12), (64, 64), (11, 11), (5, 15)])
+def test_pad_collator_rounds_the_length_up_with_masked_padding(multiple, expected):
+    recs = records(4)  # longest record: 11 tokens
+    batch = PadCollator(0, multiple)(recs)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, expected)
+    for i, r in enumerate(recs):
+        n = len(r["input_ids"])
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (expected - n)
+        assert batch["labels"][i, n:].eq(IGNORE_INDEX).all() and batch["input_ids"][i, n:].eq(0).all()
+
+
 def per_token_losses(logits, labels):
     """(rows, T) -> list of per-record summed losses and token counts, from shifted labels."""
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -101,6 +101,22 @@ def test_no_target_token_is_refused(tiny_model_dir):
         NLGDataModule(tiny_model_dir, target_max_len=0)
 
 
+def test_pad_to_multiple_of_is_checked_and_counted_in_the_padding(tiny_model_dir):
+    with pytest.raises(ValueError, match="data.pad_to_multiple_of: 0; give at least 1"):
+        NLGDataModule(tiny_model_dir, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="data.pad_to_multiple_of pads batches; data.packing makes padding-free"):
+        NLGDataModule(tiny_model_dir, pad_to_multiple_of=64, packing=True)
+    fractions = []
+    for multiple in (None, 64):
+        dm = NLGDataModule(tiny_model_dir, batch_size=4, max_train_records=40, pad_to_multiple_of=multiple)
+        dm.setup("fit")
+        stats = dm.statistics()
+        batch = next(iter(dm.train_dataloader()))
+        assert multiple is None or batch["input_ids"].shape[1] % multiple == 0
+        fractions.append(stats["data/padding_fraction"])
+    assert fractions[1] > fractions[0]  # the rounding's extra positions are padding, and reported as such
+
+
 def test_unknown_task_and_template_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="data.task: unknown task 'alpacca'"):
         NLGDataModule(tiny_model_dir, task="alpacca")

@@ -43,6 +43,23 @@ def test_packed_and_padded_steps_give_the_same_loss(tiny_model_dir, alpaca_file)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
 
 
+def test_rounding_the_padded_length_up_leaves_the_loss_alone(tiny_model_dir, alpaca_file):
+    # data.pad_to_multiple_of only adds masked positions: same loss, same supervised count, longer rows
+    dm = NLGDataModule(tiny_model_dir, task="file", path=alpaca_file, val_size=2)
+    dm.setup("fit")
+    recs = [dm.tokenized["train"][i] for i in range(5)]
+    plain, rounded = PadCollator(dm.tokenizer.pad_token_id)(recs), PadCollator(dm.tokenizer.pad_token_id, 64)(recs)
+    longest = max(len(r["input_ids"]) for r in recs)
+    assert longest % 64 and rounded["input_ids"].shape == (5, -(-longest // 64) * 64)
+    torch.manual_seed(0)
+    m = module(tiny_model_dir).eval()
+    with torch.no_grad():
+        loss_plain, n_plain = m._step(plain)
+        loss_rounded, n_rounded = m._step(rounded)
+    assert n_plain == n_rounded == sum(r["n_supervised"] for r in recs)
+    torch.testing.assert_close(loss_rounded, loss_plain, rtol=1e-5, atol=1e-5)
+
+
 def test_packing_is_refused_for_prompt_learning_adapters(tiny_model_dir, alpaca_file):
     import pytest
 
