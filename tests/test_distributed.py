@@ -13,7 +13,11 @@ from tests.test_cli import scalars
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ddp_two_cpu_processes_train_identical_adapters(tiny_model_dir, tmp_path):
+# compiled: Dynamo traces the layers inside DDP and the checkpoints (the eager backend: no C++ build on the CPU);
+# configs/llama2-7b compiles by default and must run under --trainer.strategy ddp unchanged
+@pytest.mark.parametrize("extra", [[], ["--model.compile", "true", "--model.compile_options", "{backend: eager}"]],
+                         ids=["eager", "compiled"])
+def test_ddp_two_cpu_processes_train_identical_adapters(tiny_model_dir, tmp_path, extra):
     dump = tmp_path / "dump"
     cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--model.base_model", tiny_model_dir, "--model.gradient_checkpointing", "true",
@@ -21,7 +25,7 @@ def test_ddp_two_cpu_processes_train_identical_adapters(tiny_model_dir, tmp_path
            "--trainer.max_steps", "24", "--trainer.val_check_interval", "12", "--trainer.enable_progress_bar", "false",
            "--trainer.default_root_dir", str(tmp_path), "--data.max_train_records", "400", "--data.batch_size", "8",
            "--trainer.callbacks+=tests.distributed_helpers.DumpTrainableTensors",
-           f"--trainer.callbacks.dirpath={dump}"]
+           f"--trainer.callbacks.dirpath={dump}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
@@ -53,6 +57,25 @@ def test_int8_under_fsdp_is_refused(tiny_model_dir):
     trainer.precision = "32-true"
     with pytest.raises(ValueError, match="trainer.precision=32-true cannot run a 4-bit base with trainer.strategy=fsdp"):
         module._storage_for_strategy()
+
+
+def test_compile_is_not_applied_under_fsdp(tiny_model_dir):
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_qpeft.model.module import QPeftModule
+
+    module = QPeftModule(tiny_model_dir, quantization="nf4-dq", compile=True)
+    trainer = MagicMock()
+    module._trainer = trainer
+    trainer.strategy = MagicMock(spec=DDPStrategy)
+    assert module._compiles()
+    trainer.strategy = MagicMock(spec=FSDPStrategy)
+    with pytest.warns(UserWarning, match="model.compile: not applied under trainer.strategy=fsdp"):
+        assert not module._compiles()
+    module.use_compile = False
+    assert not module._compiles()
 
 
 def test_fsdp_name_is_the_adapter_aware_strategy():
