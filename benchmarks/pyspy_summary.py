@@ -20,13 +20,13 @@ import argparse
 import collections
 import re
 
-# A sample's phase: the first of these (innermost work first: the forward and backward run inside the optimizer's
-# closure in Lightning, and the backward inside HF Trainer's training_step) matching a frame under the root.
-# py-spy names a frame "Qualified.name (path/file.py:line)".
 def _fn(names: str, where: str = "") -> re.Pattern:
+    """A frame of one of these functions (py-spy names a frame "Qualified.name (path/file.py:line)")."""
     return re.compile(rf"(^|\.)({names}) \({where}")
 
 
+# A sample's phase: the first of these (innermost work first: the forward and backward run inside the optimizer's
+# closure in Lightning, and the backward inside HF Trainer's training_step) matching a frame under the root.
 PHASES = [
     ("backward", _fn("backward|_engine_run_backward|run_backward")),
     ("forward (training_step)", _fn("training_step|_step|compute_loss")),
