@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import AdaLoraConfig
 from torchmetrics import MeanMetric
 
@@ -231,7 +231,9 @@ class QPeftModule(LightningModule):
         if self.loss_impl != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
         if self._compiles():
-            compile_layers(self.model, self.compile_options)
+            n = compile_layers(self.model, self.compile_options)
+            options = self.compile_options or {}
+            rank_zero_info(f"model.compile: {n} attention and MLP modules compiled (options {options})")
 
     def _under_fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
