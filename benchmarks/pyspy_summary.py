@@ -2,7 +2,7 @@
 
 The torch profiler (`efficiency.profile_steps`) says how long the GPU waits for the CPU, not what the CPU does
 meanwhile: kernels are its only view. py-spy samples the Python stacks of the process from outside, with no
-change to the code and little overhead, so it shows which Python code holds the step (our module, peft's LoRA
+change to the code, so it shows which Python code holds the step (our module, peft's LoRA
 layers, bitsandbytes' wrappers, Lightning's loop, the optimizer, waiting in a CUDA synchronisation).
 
 Usage (on the device, py-spy from its wheel in .whl/):
@@ -10,6 +10,7 @@ Usage (on the device, py-spy from its wheel in .whl/):
     py-spy record --idle --rate 200 --format raw -o raw.txt -- python -m lightning_qpeft fit ...
     python benchmarks/pyspy_summary.py raw.txt [--root training_epoch_loop.py] [--top 40]
 
+A sampled run is slowed by the sampling (by how much was not measured apart): read shares from it, not speed.
 Prints the share of the training loop's samples in each phase (forward, backward, optimizer, data, callbacks,
 logging) and the functions with the largest inclusive and self shares.
 """

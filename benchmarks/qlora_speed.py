@@ -110,7 +110,8 @@ class Bench:
         raw = self.out / ("pyspy-" + name.replace("/", "-") + ".txt")
         if sample and self.pyspy:
             # --idle: also the samples where Python waits (a CUDA synchronisation, the GIL), so the shares add up
-            # to the wall time; sampled from outside the process, ~1 % overhead at 100 Hz
+            # to the wall time. Sampling pauses the process: a sampled run's tokens/s is not a measurement (call
+            # C: ours 2,117 sampled vs 2,136 unsampled in call B; the peer 1,890 vs 2,224-2,430 in other calls)
             cmd = [self.pyspy, "record", "--idle", "--rate", "100", "--format", "raw", "-o", str(raw), "--", *cmd]
         try:
             p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -57,11 +58,11 @@ class MMLUResults:
     truncated: int = 0
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property  # scores do not change: argmax once, not at every metric, report and log
     def predictions(self) -> list[str]:
         return [CHOICES[i] for i in self.scores[:, :4].argmax(dim=1).tolist()]
 
-    @property
+    @cached_property
     def correct(self) -> list[bool]:
         return [p == it.answer for p, it in zip(self.predictions, self.items)]
 

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import AdaLoraConfig
 from torchmetrics import MeanMetric
 
+from lightning_qpeft.callbacks.numerics import all_finite
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
 from lightning_qpeft.distributed import fsdp_param_dtype
 from lightning_qpeft.model import compat
@@ -466,8 +467,9 @@ class QPeftModule(LightningModule):
         """Keep only trainable tensors, and record what they belong to (checked when loading)."""
         names = set(self.trainable_names())
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # never replace a good checkpoint with a poisoned one
+        floats = {k: v for k, v in state.items() if v.is_floating_point()}
+        if not bool(all_finite(list(floats.values()))):  # never replace a good checkpoint with a poisoned one
+            bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
         checkpoint["state_dict"] = state
         checkpoint["rng"] = rng_states()
