@@ -48,27 +48,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "llama2-7b" / "qlora-alpaca.yaml"
-# configs/llama2-7b/qlora-alpaca.yaml compiles and pads to multiples of 64 (what measured fastest); the presets
-# say every speed switch explicitly, so each keeps meaning what it measured when the config's defaults move.
-EAGER = ["--model.compile", "false", "--data.pad_to_multiple_of", "null"]
+# configs/llama2-7b/qlora-alpaca.yaml compiles whole decoder layers, pads to multiples of 64 and groups by length
+# (what measured fastest); the presets say every speed switch explicitly, so each keeps meaning what it measured
+# when the config's defaults move.
+EAGER = ["--model.compile", "false", "--data.pad_to_multiple_of", "null", "--data.group_by_length", "false"]
+RANDOM_ORDER = ["--data.group_by_length", "false"]
+BLOCKS = ["--model.compile", "true", "--model.compile_scope", "attention_mlp"]  # two graphs a layer
+LAYER64 = ["--model.loss", "fused", "--model.compile", "true", "--model.compile_scope", "decoder_layer",
+           "--data.pad_to_multiple_of", "64", "--data.group_by_length", "true"]
 PRESETS: dict[str, list[str]] = {
     "default": [],  # the config as it is
     "plain": ["--model.loss", "standard", *EAGER],  # the recipe as transformers computes its loss
     "fused": ["--model.loss", "fused", *EAGER],  # LM head + CE at supervised positions, chunked (liger on CUDA)
     "upcast": ["--model.loss", "standard", "--model.upcast_embeddings", "true", *EAGER],  # the peer's fp32 embed/head
     "packing": ["--model.loss", "fused", "--data.packing", "true", *EAGER],  # one padding-free row per micro-batch
-    "grouped": ["--model.loss", "fused", "--data.group_by_length", "true", *EAGER],  # the peer's length-grouped order
+    "grouped": ["--model.loss", "fused", *EAGER, "--data.group_by_length", "true"],  # the peer's length-grouped order
     "bf16-norms": ["--model.loss", "fused", "--model.upcast_norms", "false", *EAGER],  # bf16 activations (RESULTS)
-    "compile": ["--model.loss", "fused", "--model.compile", "true", "--data.pad_to_multiple_of", "null"],
+    "compile": ["--model.loss", "fused", *BLOCKS, "--data.pad_to_multiple_of", "null", *RANDOM_ORDER],
     # compile, with padded lengths rounded up to 64: a few shapes (cuBLAS, Triton and compiled graphs reused)
-    "compile64": ["--model.loss", "fused", "--model.compile", "true", "--data.pad_to_multiple_of", "64"],
-    "pad64": ["--model.loss", "fused", "--model.compile", "false", "--data.pad_to_multiple_of", "64"],  # eager
+    "compile64": ["--model.loss", "fused", *BLOCKS, "--data.pad_to_multiple_of", "64", *RANDOM_ORDER],
+    "pad64": ["--model.loss", "fused", "--model.compile", "false", "--data.pad_to_multiple_of", "64", *RANDOM_ORDER],
+    "grouped64": ["--model.loss", "fused", *BLOCKS, "--data.pad_to_multiple_of", "64", "--data.group_by_length", "true"],
+    "layer64": LAYER64,  # whole decoder layers compiled (one graph a layer): the config's default
     "no-ckpt": ["--model.loss", "fused", "--model.gradient_checkpointing", "false", *EAGER],
     "tokens4k": ["--model.loss", "fused", "--data.max_tokens", "4096", *EAGER],  # changes records per step
-    # torch's fused AdamW (one kernel for all tensors, no synchronisation) instead of bitsandbytes' paged AdamW
-    # 32-bit, which synchronises the GPU after each of the 448 LoRA tensors; the same update rule and fp32 states
-    "adamw": ["--model.loss", "fused", "--model.optimizer",
-              "{class_path: torch.optim.AdamW, init_args: {lr: 0.0002, weight_decay: 0.0, fused: true}}", *EAGER],
+    # torch's multi-tensor AdamW instead of bitsandbytes' paged AdamW 32-bit, which synchronises the GPU after
+    # each of the 448 LoRA tensors; the same update rule and fp32 states. Not `fused: true`: Lightning refuses
+    # gradient clipping with an optimizer that unscales internally (device call 2 of 2026-11-29)
+    "adamw": [*LAYER64, "--model.optimizer",
+              "{class_path: torch.optim.AdamW, init_args: {lr: 0.0002, weight_decay: 0.0, foreach: true}}"],
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
@@ -256,7 +264,17 @@ class Bench:
         if rc != 0:
             self.results["checks"][suite] = {"pass": False, "error": "reference run failed"}
             return
-        run_dir = self.work / f"check-{suite}-ours"
+        runs = [("ours", flags)]
+        if self.a.check_control:  # the same flags eager: what the compiled path changes beyond bf16 noise
+            runs.append(("eager-control", [*flags, "--model.compile", "false"]))
+        for label, run_flags in runs:
+            key = suite if label == "ours" else f"{suite} (eager control)"
+            self.results["checks"][key] = self._check_run(suite, label, ref, data_args, run_flags)
+
+    def _check_run(self, suite: str, label: str, ref: Path, data_args: list[str], flags: list[str]) -> dict:
+        """Our fit from the reference's LoRA init on the same batches, compared with the reference."""
+        k = str(self.a.check_steps)
+        run_dir = self.work / f"check-{suite}-{label}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG),
                "--model.base_model", str(self.a.ckpt), "--trainer.default_root_dir", str(run_dir), *QUIET,
@@ -264,17 +282,17 @@ class Bench:
                "--model.upcast_embeddings", "true", "--trainer.max_steps", k, "--trainer.max_epochs", "-1",
                "--trainer.log_every_n_steps", "1", "--adapter_export.dirpath", str(run_dir / "adapter"),
                "--efficiency.enabled", "false"]
-        rc, _ = self.sh(f"check/{suite}/ours", cmd, need_s=self.a.min_run_s)
+        rc, _ = self.sh(f"check/{suite}/{label}", cmd, need_s=self.a.min_run_s)
         if rc != 0:
-            self.results["checks"][suite] = {"pass": False, "error": "our run failed"}
-            return
-        rc, text = self.sh(f"check/{suite}/compare",
+            return {"pass": False, "error": f"{label} run failed", "flags": " ".join(flags)}
+        rc, text = self.sh(f"check/{suite}/{label}/compare",
                            [sys.executable, "benchmarks/peer_reference.py", "compare", "--ref", str(ref),
                             "--ours-logdir", str(run_dir / "lightning_logs" / "version_0"),
                             "--ours-adapter", str(run_dir / "adapter")], need_s=5)
         lines = [x for x in text.splitlines() if x.startswith("{")]
-        self.results["checks"][suite] = json.loads(lines[-1]) if rc == 0 and lines else {"pass": False}
-        self.results["checks"][suite]["flags"] = " ".join(flags)
+        result = json.loads(lines[-1]) if rc == 0 and lines else {"pass": False}
+        result["flags"] = " ".join(flags)
+        return result
 
     # --------------------------------------------------------------------------------------- report
     def table(self) -> str:
@@ -339,6 +357,20 @@ def find_pyspy() -> Optional[str]:
     return found
 
 
+def batching(flags: list[str]) -> dict:
+    """The data settings that decide our training batches (which records, how long), from the config as `flags`
+    override it."""
+    import yaml
+
+    data = yaml.safe_load(CONFIG.read_text()).get("data", {})
+    out = {k: data.get(k) for k in ("group_by_length", "pad_to_multiple_of", "packing", "max_tokens") if k in data}
+    for i, flag in enumerate(flags[:-1]):
+        key = flag[len("--data."):] if flag.startswith("--data.") else None
+        if key in ("group_by_length", "pad_to_multiple_of", "packing", "max_tokens"):
+            out[key] = yaml.safe_load(flags[i + 1])
+    return out
+
+
 def variants(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
     out = []
     for name in [v for v in a.variants.split(",") if v]:
@@ -368,6 +400,8 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="skip the peer runs (ratios then missing)")
     ap.add_argument("--check", default="real", help="same-training check on: real, fixed, both or none")
     ap.add_argument("--check-steps", type=int, default=3)
+    ap.add_argument("--check-control", action="store_true", help="also check the first variant's flags with "
+                    "model.compile false against the same reference (bf16 noise floor of the comparison)")
     ap.add_argument("--records", type=int, default=256, help="Alpaca records in the real suite's sample")
     ap.add_argument("--fixed-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -408,7 +442,8 @@ def main() -> None:
                                                         "--efficiency.window", str(epoch), *warm])
         if "real" in checks:
             kwargs = dict(tokenizer=str(a.ckpt), task="file", path=str(data), val_path=str(data), template="alpaca",
-                          source_max_len=384, target_max_len=128, batch_size=16)
+                          source_max_len=384, target_max_len=128, batch_size=16,
+                          **batching(first_flags))  # the reference trains on the batches our check run sees
             b.same_training("real", real_args, kwargs, first_flags)
     fixed_args = ["--data.task", "random-tokens", "--data.path", "null", "--data.train_on_source", "true",
                   "--data.source_max_len", "384", "--data.target_max_len", "128", "--data.batch_size", "8"]

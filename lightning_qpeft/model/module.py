@@ -11,7 +11,8 @@ Config keys (`model.*`):
     upcast_embeddings:       also embeddings and LM head in float32 (the peer recipe's numerics; +1 GiB on 7B)
     loss:                    standard | fused | chunked | liger: where the LM head + cross-entropy run
                              (`fused_loss.py`: fused computes them at supervised positions only, chunk by chunk)
-    compile, compile_options: torch.compile each decoder layer's attention and MLP (`preparation.compile_layers`)
+    compile, compile_options, compile_scope: torch.compile each decoder layer's attention and MLP, or the whole
+                      layer (`preparation.compile_layers`)
     optimizer, lr_scheduler: callables applied to the trainable parameters only
     generation:              decoding settings for `predict` and generation metrics
 
@@ -55,7 +56,7 @@ from lightning_qpeft.model.fused_loss import (
     supervised_hidden,
 )
 from lightning_qpeft.model.loading import load_base_model, resolve_base_model
-from lightning_qpeft.model.preparation import compile_layers, prepare_base
+from lightning_qpeft.model.preparation import COMPILE_SCOPES, compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.schedules import needs_total_steps
 
@@ -116,6 +117,8 @@ class QPeftModule(LightningModule):
             positions only, chunked: liger-kernel on CUDA when installed, else torch), chunked, or liger.
         compile: torch.compile the attention and MLP of every decoder layer.
         compile_options: keyword arguments of torch.compile (e.g. {"mode": "max-autotune-no-cudagraphs"}).
+        compile_scope: attention_mlp (two graphs a layer) or decoder_layer (one graph a layer, norms and residual
+            adds included); the gradient checkpoint stays outside the graphs either way.
         optimizer: optimizer factory, given the trainable parameters.
         lr_scheduler: scheduler factory, stepped every optimizer step.
         generation: decoding settings for predict and generation metrics.
@@ -139,6 +142,7 @@ class QPeftModule(LightningModule):
         loss: str = "standard",
         compile: bool = False,
         compile_options: Optional[dict[str, Any]] = None,
+        compile_scope: str = "attention_mlp",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         generation: Optional[Generation] = None,
@@ -175,6 +179,9 @@ class QPeftModule(LightningModule):
                              f"{method_name(self.adapter)}; use model.loss: standard")
         self.use_compile = compile  # not self.compile: that is nn.Module.compile
         self.compile_options = compile_options
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"model.compile_scope: {compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+        self.compile_scope = compile_scope
         self.loss_impl = "standard"  # what model.loss resolves to on this run's device (configure_model)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -232,9 +239,9 @@ class QPeftModule(LightningModule):
         if self.loss_impl != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
         if self._compiles():
-            n = compile_layers(self.model, self.compile_options)
-            options = self.compile_options or {}
-            rank_zero_info(f"model.compile: {n} attention and MLP modules compiled (options {options})")
+            n = compile_layers(self.model, self.compile_options, self.compile_scope)
+            what = "attention and MLP modules" if self.compile_scope == "attention_mlp" else "decoder layers"
+            rank_zero_info(f"model.compile: {n} {what} compiled (options {self.compile_options or {}})")
 
     def _under_fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy

@@ -10,6 +10,7 @@ Config keys (on `QPeftModule`):
                                   to float32, as prepare_model_for_kbit_training does: off by default; on to
                                   reproduce the peer recipe's numerics (benchmarks/)
     model.compile:                torch.compile each decoder layer's attention and MLP (`compile_layers`)
+    model.compile_scope:          attention_mlp (two graphs a layer) or decoder_layer (the whole layer, one graph)
 
 This replaces peft's `prepare_model_for_kbit_training`, which (a) turns gradient checkpointing on by default,
 so that prefix tuning then refuses to run, and (b) upcasts *every* non-4-bit weight to float32, the 32k x
@@ -53,10 +54,14 @@ def upcast_non_quantized(model: nn.Module) -> int:
     return n
 
 
-def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None) -> int:
-    """`torch.compile` the attention and MLP of every decoder layer, in place; returns how many modules.
+COMPILE_SCOPES = ("attention_mlp", "decoder_layer")
 
-    Why these regions and not the whole model (the peer's `torch.compile(model)`, +44 % speed at 2.1x memory,
+
+def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, scope: str = "attention_mlp") -> int:
+    """`torch.compile` every decoder layer's attention and MLP (`scope: attention_mlp`) or the whole layer
+    (`decoder_layer`: its norms and residual adds too), in place; returns how many modules were compiled.
+
+    Why inside the layers and not the whole model (the peer's `torch.compile(model)`, +44 % speed at 2.1x memory,
     ../shared/reference/peers.md): transformers' gradient checkpointing wraps each decoder layer's forward. A
     compiled region inside that wrapper is an ordinary call to it: whatever the compiled graph saves for
     backward is dropped by the checkpoint and recomputed, so memory stays that of eager checkpointing. A graph
@@ -66,17 +71,69 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None) -
     bf16 copy of every layer's weights (~12 GiB on Llama-2-7B) is its likely choice: consistent with the
     +10 GiB measured, but a hypothesis until a memory snapshot on the GPU confirms it (benchmarks/RESULTS.md).
     Every layer runs the same code, so one compiled graph serves all of them (recompiled per new shape).
+    `decoder_layer` makes one graph of each layer instead of two (fewer graph calls, and the norms and residual
+    adds no longer run as eager kernels): `compile_decoder_layer` keeps the checkpoint outside that graph.
     """
     from lightning_qpeft.model.fused_loss import causal_lm_of
 
-    layers = getattr(causal_lm_of(model).get_decoder(), "layers", None)
-    regions = [getattr(layer, name) for layer in (layers or []) for name in ("self_attn", "mlp") if hasattr(layer, name)]
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"model.compile_scope: {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+    layers = list(getattr(causal_lm_of(model).get_decoder(), "layers", None) or [])
+    if scope == "decoder_layer":
+        if not layers:
+            raise ValueError(f"model.compile: found no decoder layers in {type(model).__name__}; "
+                             "set model.compile: false")
+        for layer in layers:
+            compile_decoder_layer(layer, options)
+        return len(layers)
+    regions = [getattr(layer, name) for layer in layers for name in ("self_attn", "mlp") if hasattr(layer, name)]
     if not regions:
         raise ValueError(f"model.compile: found no decoder layers with self_attn/mlp in {type(model).__name__}; "
                          "set model.compile: false")
     for region in regions:
         region.compile(**(options or {}))
     return len(regions)
+
+
+def compile_decoder_layer(layer: nn.Module, options: Optional[dict[str, Any]] = None) -> None:
+    """Compile one decoder layer's own computation, leaving its gradient checkpoint outside the graph.
+
+    `layer.compile()` is not used because where transformers' checkpoint sits depends on its version: up to ~5.17
+    `GradientCheckpointingLayer.__call__` checkpoints and then calls `nn.Module.__call__` (a compiled module's
+    graph is inside the checkpoint); later versions wrap the class's `forward`, so the checkpoint would be traced
+    into the graph. Here the layer's undecorated `forward` is compiled and set on the instance; where
+    transformers checkpoints inside `forward` (which the instance attribute now shadows), this forward
+    checkpoints itself with the layer's own checkpoint function (non-reentrant, as `enable_gradient_checkpointing`
+    set it). Either way each layer is checkpointed once and the checkpoint keeps only its inputs, as in eager.
+
+    Why not trace the checkpoint into the graph (two graph calls a layer and step instead of three, the
+    recomputation fused with the backward): on an H200 with torch 2.11, inductor's partitioner failed on such a
+    layer with LoRA dropout ("Node add_571 was invalid, but is output"; without dropout it trained;
+    benchmarks/RESULTS.md, 2026-11-29 call H).
+    """
+    from functools import partial
+
+    forward = type(layer).forward
+    hf_attrs = _checkpointing_layer_attrs(layer)
+    hf_checkpoints_in_call = "__call__" in hf_attrs
+    raw = forward.__wrapped__ if hf_attrs and not hf_checkpoints_in_call and hasattr(forward, "__wrapped__") else forward
+    compiled = torch.compile(raw, **(options or {}))
+
+    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+        if (not hf_checkpoints_in_call and getattr(layer, "gradient_checkpointing", False) and layer.training
+                and torch.is_grad_enabled()):  # else transformers' __call__ has checkpointed (or no checkpoint)
+            return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
+        return compiled(layer, *args, **kwargs)
+
+    layer.forward = checkpointed_forward
+
+
+def _checkpointing_layer_attrs(layer: nn.Module) -> dict[str, Any]:
+    """The attributes transformers' `GradientCheckpointingLayer` defines itself ({} for other layer classes)."""
+    for cls in type(layer).__mro__:
+        if cls.__name__ == "GradientCheckpointingLayer":
+            return dict(vars(cls))
+    return {}
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
