@@ -61,7 +61,6 @@ def load_config(method, model_dir: str):
 def run_cell(method, quantization: str, model_dir: str, device: torch.device, ids: torch.Tensor) -> str:
     import peft
 
-    from lightning_qpeft.model import compat
     from lightning_qpeft.model.adapters import attach_adapter
     from lightning_qpeft.model.loading import load_base_model
     from lightning_qpeft.model.preparation import prepare_base

@@ -91,7 +91,8 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, s
         raise ValueError(f"model.compile: found no decoder layers with self_attn/mlp in {type(model).__name__}; "
                          "set model.compile: false")
     for region in regions:
-        region.compile(**(options or {}))
+        raw = type(region).forward
+        region.forward = _eager_with_cache(region, raw, torch.compile(raw, **(options or {})))
     return len(regions)
 
 
@@ -119,13 +120,31 @@ def compile_decoder_layer(layer: nn.Module, options: Optional[dict[str, Any]] = 
     raw = forward.__wrapped__ if hf_attrs and not hf_checkpoints_in_call and hasattr(forward, "__wrapped__") else forward
     compiled = torch.compile(raw, **(options or {}))
 
-    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if (not hf_checkpoints_in_call and getattr(layer, "gradient_checkpointing", False) and layer.training
                 and torch.is_grad_enabled()):  # else transformers' __call__ has checkpointed (or no checkpoint)
             return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
         return compiled(layer, *args, **kwargs)
 
-    layer.forward = checkpointed_forward
+    layer.forward = _eager_with_cache(layer, raw, lambda _, *args, **kwargs: checkpointed(*args, **kwargs))
+
+
+# what transformers calls a layer's KV cache, by version and model
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _eager_with_cache(module: nn.Module, raw: Any, compiled: Any) -> Any:
+    """`module`'s forward: `compiled`, except when a KV cache is passed (generation), which runs `raw` eagerly.
+    Why: the cache is indexed by each layer's own `layer_idx`, a constant Dynamo specialises on, so generation
+    would compile every layer apart, hit the recompile limit (8) and fall back to eager after minutes of
+    compiling; training and scoring (MMLU, validation loss) pass no cache and keep the compiled graphs."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if any(kwargs.get(name) is not None for name in CACHE_KWARGS):
+            return raw(module, *args, **kwargs)
+        return compiled(module, *args, **kwargs)
+
+    return forward
 
 
 def _checkpointing_layer_attrs(layer: nn.Module) -> dict[str, Any]:

@@ -3,7 +3,6 @@ survives Lightning's distributed-sampler injection."""
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import BatchSampler, DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 

@@ -2,7 +2,6 @@
 the prompt tokens are masked. Every sample file is written by the test itself."""
 
 import csv
-import json
 
 import pytest
 

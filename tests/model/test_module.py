@@ -1,12 +1,9 @@
 """QPeftModule on the tiny 4-bit model: it learns, only the adapter changes, checkpoints resume, and the
 exported adapter loads in plain peft with the same logits."""
 
-import copy
-
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.model.module import QPeftModule
@@ -104,7 +101,6 @@ def test_exported_adapter_loads_in_plain_peft_with_same_logits(tiny_model_dir, t
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     # and the adapter did something: the bare base gives other logits
     with torch.no_grad():
-        bare = plain.get_base_model()
         with plain.disable_adapter():
             assert not torch.allclose(plain(input_ids=batch["input_ids"]).logits, ours, atol=1e-3)
 

@@ -4,7 +4,6 @@ comparison with the baseline, Pareto fronts, plots, hparams, README section."""
 import csv
 import math
 import struct
-import zlib
 
 import pytest
 
