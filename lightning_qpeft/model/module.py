@@ -12,7 +12,7 @@ Config keys (`model.*`):
     loss:                    standard | fused | chunked | liger: where the LM head + cross-entropy run
                              (`fused_loss.py`: fused computes them at supervised positions only, chunk by chunk)
     compile, compile_options, compile_scope: torch.compile each decoder layer's attention and MLP, or the whole
-                      layer (`preparation.compile_layers`)
+                             layer (`preparation.compile_layers`)
     optimizer, lr_scheduler: callables applied to the trainable parameters only
     generation:              decoding settings for `predict` and generation metrics
 
@@ -115,7 +115,7 @@ class QPeftModule(LightningModule):
             peft's prepare_model_for_kbit_training does (to reproduce the peer recipe; costs memory and time).
         loss: standard (the model's own loss over full logits), fused (LM head + cross-entropy at supervised
             positions only, chunked: liger-kernel on CUDA when installed, else torch), chunked, or liger.
-        compile: torch.compile the attention and MLP of every decoder layer.
+        compile: torch.compile the decoder layers (what of them: compile_scope).
         compile_options: keyword arguments of torch.compile (e.g. {"mode": "max-autotune-no-cudagraphs"}).
         compile_scope: attention_mlp (two graphs a layer) or decoder_layer (one graph a layer, norms and residual
             adds included); the gradient checkpoint stays outside the graphs either way.

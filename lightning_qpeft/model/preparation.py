@@ -9,7 +9,7 @@ Config keys (on `QPeftModule`):
     model.upcast_embeddings:      also cast the embeddings and the LM head (every weight that is not quantized)
                                   to float32, as prepare_model_for_kbit_training does: off by default; on to
                                   reproduce the peer recipe's numerics (benchmarks/)
-    model.compile:                torch.compile each decoder layer's attention and MLP (`compile_layers`)
+    model.compile:                torch.compile the decoder layers (`compile_layers`)
     model.compile_scope:          attention_mlp (two graphs a layer) or decoder_layer (the whole layer, one graph)
 
 This replaces peft's `prepare_model_for_kbit_training`, which (a) turns gradient checkpointing on by default,
