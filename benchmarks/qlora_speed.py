@@ -74,7 +74,7 @@ PRESETS: dict[str, list[str]] = {
     "tokens4k": ["--model.loss", "fused", "--data.max_tokens", "4096", *EAGER],  # changes records per step
     # torch's multi-tensor AdamW instead of bitsandbytes' paged AdamW 32-bit, which synchronises the GPU after
     # each of the 448 LoRA tensors; the same update rule and fp32 states. Not `fused: true`: Lightning refuses
-    # gradient clipping with an optimizer that unscales internally (device call 2 of 2026-11-29)
+    # gradient clipping with an optimizer that unscales internally (RESULTS.md, calls E and F)
     "adamw": [*LAYER64, "--model.optimizer",
               "{class_path: torch.optim.AdamW, init_args: {lr: 0.0002, weight_decay: 0.0, foreach: true}}"],
 }
@@ -362,12 +362,12 @@ def batching(flags: list[str]) -> dict:
     override it."""
     import yaml
 
+    keys = ("group_by_length", "pad_to_multiple_of", "packing", "max_tokens")
     data = yaml.safe_load(CONFIG.read_text()).get("data", {})
-    out = {k: data.get(k) for k in ("group_by_length", "pad_to_multiple_of", "packing", "max_tokens") if k in data}
-    for i, flag in enumerate(flags[:-1]):
-        key = flag[len("--data."):] if flag.startswith("--data.") else None
-        if key in ("group_by_length", "pad_to_multiple_of", "packing", "max_tokens"):
-            out[key] = yaml.safe_load(flags[i + 1])
+    out = {k: data[k] for k in keys if k in data}
+    for flag, value in zip(flags, flags[1:]):
+        if flag.startswith("--data.") and flag[len("--data."):] in keys:
+            out[flag[len("--data."):]] = yaml.safe_load(value)
     return out
 
 

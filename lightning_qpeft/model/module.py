@@ -56,7 +56,7 @@ from lightning_qpeft.model.fused_loss import (
     supervised_hidden,
 )
 from lightning_qpeft.model.loading import load_base_model, resolve_base_model
-from lightning_qpeft.model.preparation import COMPILE_SCOPES, compile_layers, prepare_base
+from lightning_qpeft.model.preparation import check_compile_scope, compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.schedules import needs_total_steps
 
@@ -179,8 +179,7 @@ class QPeftModule(LightningModule):
                              f"{method_name(self.adapter)}; use model.loss: standard")
         self.use_compile = compile  # not self.compile: that is nn.Module.compile
         self.compile_options = compile_options
-        if compile_scope not in COMPILE_SCOPES:
-            raise ValueError(f"model.compile_scope: {compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+        check_compile_scope(compile_scope)
         self.compile_scope = compile_scope
         self.loss_impl = "standard"  # what model.loss resolves to on this run's device (configure_model)
         self.optimizer_factory = optimizer

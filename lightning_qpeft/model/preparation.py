@@ -57,6 +57,11 @@ def upcast_non_quantized(model: nn.Module) -> int:
 COMPILE_SCOPES = ("attention_mlp", "decoder_layer")
 
 
+def check_compile_scope(scope: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"model.compile_scope: {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+
+
 def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, scope: str = "attention_mlp") -> int:
     """`torch.compile` every decoder layer's attention and MLP (`scope: attention_mlp`) or the whole layer
     (`decoder_layer`: its norms and residual adds too), in place; returns how many modules were compiled.
@@ -76,8 +81,7 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, s
     """
     from lightning_qpeft.model.fused_loss import causal_lm_of
 
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"model.compile_scope: {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+    check_compile_scope(scope)
     layers = list(getattr(causal_lm_of(model).get_decoder(), "layers", None) or [])
     if scope == "decoder_layer":
         if not layers:
@@ -120,13 +124,13 @@ def compile_decoder_layer(layer: nn.Module, options: Optional[dict[str, Any]] = 
     raw = forward.__wrapped__ if hf_attrs and not hf_checkpoints_in_call and hasattr(forward, "__wrapped__") else forward
     compiled = torch.compile(raw, **(options or {}))
 
-    def checkpointed(*args: Any, **kwargs: Any) -> Any:
-        if (not hf_checkpoints_in_call and getattr(layer, "gradient_checkpointing", False) and layer.training
+    def checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if (not hf_checkpoints_in_call and getattr(module, "gradient_checkpointing", False) and module.training
                 and torch.is_grad_enabled()):  # else transformers' __call__ has checkpointed (or no checkpoint)
-            return layer._gradient_checkpointing_func(partial(compiled, layer, **kwargs), *args)
-        return compiled(layer, *args, **kwargs)
+            return module._gradient_checkpointing_func(partial(compiled, module, **kwargs), *args)
+        return compiled(module, *args, **kwargs)
 
-    layer.forward = _eager_with_cache(layer, raw, lambda _, *args, **kwargs: checkpointed(*args, **kwargs))
+    layer.forward = _eager_with_cache(layer, raw, checkpointed)
 
 
 # what transformers calls a layer's KV cache, by version and model
@@ -136,8 +140,9 @@ CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 def _eager_with_cache(module: nn.Module, raw: Any, compiled: Any) -> Any:
     """`module`'s forward: `compiled`, except when a KV cache is passed (generation), which runs `raw` eagerly.
     Why: the cache is indexed by each layer's own `layer_idx`, a constant Dynamo specialises on, so generation
-    would compile every layer apart, hit the recompile limit (8) and fall back to eager after minutes of
-    compiling; training and scoring (MMLU, validation loss) pass no cache and keep the compiled graphs."""
+    would compile every layer apart until the recompile limit (8), then fall back to eager (seen on the CPU with
+    the tiny model, tests/model/test_compile.py); training and scoring (MMLU, validation loss) pass no cache and
+    keep the compiled graphs."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if any(kwargs.get(name) is not None for name in CACHE_KWARGS):

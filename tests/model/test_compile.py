@@ -7,17 +7,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.model.module import QPeftModule
 from lightning_qpeft.model.loading import load_tokenizer
 from tests.model.test_fused_loss import LORA, losses_of
-
-
-@pytest.fixture(scope="module")
-def batches(tiny_model_dir):
-    data = NLGDataModule(tiny_model_dir, source_max_len=64, target_max_len=32, batch_size=4, max_train_records=32)
-    data.setup("fit")
-    return list(data.train_dataloader())[:3]
 
 
 def saved_activation_bytes(module, batch):

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.model import fused_loss
 from lightning_qpeft.model.fused_loss import ChunkedLinearCrossEntropy, linear_cross_entropy, supervised_hidden
 from lightning_qpeft.model.module import QPeftModule
@@ -68,13 +67,6 @@ def losses_of(tiny_model_dir, batches, steps=3, module=None, after_step=lambda: 
         out.append(loss.item())
         after_step()
     return out, module
-
-
-@pytest.fixture(scope="module")
-def batches(tiny_model_dir):
-    data = NLGDataModule(tiny_model_dir, source_max_len=64, target_max_len=32, batch_size=4, max_train_records=32)
-    data.setup("fit")
-    return list(data.train_dataloader())[:3]
 
 
 def test_fused_training_equals_standard_training(tiny_model_dir, batches):
