@@ -15,6 +15,10 @@ That our tokenization equals the peer's own `build()` is checked separately (qlo
 `compare` reads our fit's per-step `train/loss` (TensorBoard, log_every_n_steps=1) and exported adapter and
 reports the loss differences and the cosine between the two adapters' updates (final - init): equal gradients
 give a cosine near 1 whatever the (tiny, on random weights) loss change.
+
+`run --precision fp32 --init DIR/init` trains the same 4-bit model from the same adapter in fp32 (no autocast):
+the training that bf16 rounds. Comparing the bf16 peer and our fit each against it (`compare --ref FP32DIR
+--ours-ref DIR` / `--ours-logdir`) says how far each is from it: the noise floor our bf16 paths are held to.
 """
 
 import argparse
@@ -42,17 +46,27 @@ def run(a: argparse.Namespace) -> None:
             break
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.bfloat16)
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32  # cpu: a smoke test of this script
+    # cpu: a smoke test of this script; fp32: the same 4-bit weights trained without bf16 rounding
+    bf16 = a.device == "cuda" and a.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     qc.bnb_4bit_compute_dtype = dtype
     model = AutoModelForCausalLM.from_pretrained(a.ckpt, quantization_config=qc, dtype=dtype,
                                                  device_map={"": 0 if a.device == "cuda" else "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    model.train()
     out = Path(a.out)
+    if a.init:  # another reference's init: the same starting adapter, whatever this run's dtype
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, a.init, is_trainable=True)
+        for p in model.parameters():  # trained in fp32, as get_peft_model makes LoRA weights
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
     model.save_pretrained(out / "init")
     params = [p for p in model.parameters() if p.requires_grad]
     if a.device == "cuda":
@@ -62,7 +76,7 @@ def run(a: argparse.Namespace) -> None:
     losses = []
     for batch in batches:
         batch = {k: v.to(a.device) for k, v in batch.items()}
-        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.device == "cuda"):
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
@@ -81,9 +95,13 @@ def compare(a: argparse.Namespace) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ref = json.loads((Path(a.ref) / "reference.json").read_text())
-    ea = EventAccumulator(str(a.ours_logdir))
-    ea.Reload()
-    ours = [e.value for e in sorted(ea.Scalars("train/loss"), key=lambda e: e.step)][: len(ref["losses"])]
+    if a.ours_ref:  # another reference run (the bf16 peer against the fp32 one)
+        ours = json.loads((Path(a.ours_ref) / "reference.json").read_text())["losses"]
+    else:
+        ea = EventAccumulator(str(a.ours_logdir))
+        ea.Reload()
+        ours = [e.value for e in sorted(ea.Scalars("train/loss"), key=lambda e: e.step)]
+    ours = ours[: len(ref["losses"])]
     init = load_file(str(Path(a.ref) / "init" / "adapter_model.safetensors"))
     theirs = load_file(str(Path(a.ref) / "final" / "adapter_model.safetensors"))
     mine = load_file(str(Path(a.ours_adapter) / "adapter_model.safetensors"))
@@ -118,13 +136,19 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--data-json", required=True, help="NLGDataModule keyword arguments, as our fit gets them")
     r.add_argument("--device", default="cuda", help="cpu: fp32 and torch AdamW, to smoke-test this script only")
+    r.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="fp32: compute in fp32 without autocast (the training bf16 rounds; compare's --ref for both)")
+    r.add_argument("--init", help="start from this adapter (another reference's DIR/init) instead of a seeded one")
     c = sub.add_parser("compare")
     c.add_argument("--ref", required=True)
-    c.add_argument("--ours-logdir", required=True)
+    c.add_argument("--ours-logdir", help="our fit's TensorBoard folder (its train/loss per step)")
+    c.add_argument("--ours-ref", help="or another `run`'s DIR (its losses; --ours-adapter DIR/final)")
     c.add_argument("--ours-adapter", required=True)
     c.add_argument("--loss-tol", type=float, default=0.02, help="bf16 tolerance on each step's loss (nats)")
     c.add_argument("--cosine-min", type=float, default=0.99)
     a = ap.parse_args()
+    if a.command == "compare" and not (a.ours_logdir or a.ours_ref):
+        ap.error("compare: --ours-logdir or --ours-ref")
     (run if a.command == "run" else compare)(a)
 
 

@@ -45,6 +45,11 @@ PHASES = [
 # count. Threads parked in these leaves (data-loader pin-memory, TensorBoard writer, ...) are idle and do not.
 IDLE_LEAF = re.compile(r"(^|\.)(wait|_wait_for_tstate_lock|select|poll|_poll|recv|_recv|_recv_bytes|get|sleep|"
                        r"accept|read|readinto|_worker_loop|run) \(")
+# Compilation inside the loop (torch.compile's first calls and recompiles, inductor's lazy backward compile,
+# Triton's JIT): a one-off cost the measured window leaves out, so its samples are counted apart, not in the shares.
+COMPILING = re.compile(r"\((\S*/)?(torch/_dynamo/convert_frame|torch/_inductor/compile_fx|torch/_functorch/aot_autograd|"
+                       r"torch/_functorch/_aot_autograd/graph_compile|torch/_inductor/select_algorithm|"
+                       r"triton/compiler/compiler)\.py:")
 MAIN_THREAD = re.compile(r"^(_run_module_as_main|<module>) \(")
 ROOTS = ["training_epoch_loop.py", "_inner_training_loop"]  # Lightning's loop, HF Trainer's loop
 
@@ -71,15 +76,20 @@ def main() -> None:
         text = open(a.raw, encoding="utf-8", errors="replace").read()
         a.root = next((r for r in ROOTS if r in text), ROOTS[0])
 
-    total = 0
+    total = compiling = 0
     worker: collections.Counter = collections.Counter()
     worker_total = 0
     phases: collections.Counter = collections.Counter()
     inclusive: collections.Counter = collections.Counter()
     leaf: collections.Counter = collections.Counter()
     for frames, n in parse(a.raw):
+        if any(COMPILING.search(f) for f in frames):
+            compiling += n
+            continue
         idx = next((i for i, f in enumerate(frames) if a.root in f), None)
         if idx is None:
+            if any("torch/_inductor/compile_worker/" in f for f in frames):
+                continue  # threads that wait for inductor's compile workers (call J: 4x the loop's samples)
             if frames and not MAIN_THREAD.search(frames[0]) and not IDLE_LEAF.search(frames[-1]):
                 worker_total += n
                 for f in set(re.sub(r":\d+\)$", ")", f) for f in frames):
@@ -99,7 +109,7 @@ def main() -> None:
             leaf[below[-1]] += n
     if not total:
         raise SystemExit(f"no samples under a frame matching {a.root!r}")
-    print(f"{total} samples in the training loop")
+    print(f"{total} samples in the training loop ({compiling} more compiling, left out of every share below)")
     print("\nphase                               share")
     for name, n in phases.most_common():
         print(f"{name:34s} {100 * n / total:6.1f} %")

@@ -10,8 +10,10 @@ What runs, in this order (each in its own process, so each starts with an empty 
 2. suite `real`: a seeded sample of `--records` Alpaca records (alpaca_5000.json), the Alpaca prompt masked,
    source <= 384 / target <= 128, NF4 + DQ, LoRA r=64 alpha 16 dropout 0.05 on all linear layers, 16 records an
    optimizer step. The peer (bench_data/peer_trainer.py --batch 16 --accum 1, group_by_length) and each of our
-   variants train two epochs of the sample and are timed over the second: whole epochs hold the same records
-   whatever the order (peers.md: a window of the peer's first steps is biased towards its longest records).
+   variants train `--epochs` epochs of the sample (default 3) and are timed over all but the first: whole epochs
+   hold the same records whatever the order (peers.md: a window of the peer's first steps is biased towards its
+   longest records), and more than one of them averages out the host's moments (call I: two 16-step windows of
+   the same preset measured 4,512 and 5,293 tokens/s).
 3. suite `fixed`: 8 x 512 random tokens, every token supervised (labels = input ids): the peer's
    peer_fixed_length.py nf4-dq:1 (median of 8 steps after 3) and ours (`data.task: random-tokens`, mean of
    `--fixed-steps` steps after 3).
@@ -56,6 +58,7 @@ RANDOM_ORDER = ["--data.group_by_length", "false"]
 BLOCKS = ["--model.compile", "true", "--model.compile_scope", "attention_mlp"]  # two graphs a layer
 LAYER64 = ["--model.loss", "fused", "--model.compile", "true", "--model.compile_scope", "decoder_layer",
            "--data.pad_to_multiple_of", "64", "--data.group_by_length", "true"]
+ADAMW = "{class_path: torch.optim.AdamW, init_args: {lr: 0.0002, weight_decay: 0.0, foreach: true}}"
 PRESETS: dict[str, list[str]] = {
     "default": [],  # the config as it is
     "plain": ["--model.loss", "standard", *EAGER],  # the recipe as transformers computes its loss
@@ -75,8 +78,8 @@ PRESETS: dict[str, list[str]] = {
     # torch's multi-tensor AdamW instead of bitsandbytes' paged AdamW 32-bit, which synchronises the GPU after
     # each of the 448 LoRA tensors; the same update rule and fp32 states. Not `fused: true`: Lightning refuses
     # gradient clipping with an optimizer that unscales internally (RESULTS.md, calls E and F)
-    "adamw": [*LAYER64, "--model.optimizer",
-              "{class_path: torch.optim.AdamW, init_args: {lr: 0.0002, weight_decay: 0.0, foreach: true}}"],
+    "adamw": [*LAYER64, "--model.optimizer", ADAMW],
+    "adamw16": [*LAYER64, "--model.optimizer", ADAMW, "--data.pad_to_multiple_of", "16"],  # less padding (RESULTS)
 }
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
@@ -109,14 +112,15 @@ class Bench:
 
     def sh(self, name: str, cmd: list[str], need_s: float = 60, sample: bool = False) -> tuple[int, str]:
         """Run one process, its output to runs.log; returns (exit code, output). Skipped without budget.
-        `sample`: under py-spy (with --pyspy), its summary appended to pyspy.txt."""
+        `sample`: under py-spy (with --pyspy, if it names this run or is `all`), its summary appended to pyspy.txt."""
         if self.left() < need_s:
             self.say(f"{name}: skipped ({self.left():.0f} s of budget left, needs ~{need_s:.0f})")
             return -1, "skipped"
         self.say(f"{name}: " + (f"python -c <{len(cmd[2])} characters>" if cmd[1:2] == ["-c"] else shlex.join(cmd)))
         t = time.time()
         raw = self.out / ("pyspy-" + name.replace("/", "-") + ".txt")
-        if sample and self.pyspy:
+        sample = sample and self.sampled(name)
+        if sample:
             # --idle: also the samples where Python waits (a CUDA synchronisation, the GIL), so the shares add up
             # to the wall time. Sampling pauses the process: a sampled run's tokens/s is not a measurement (call
             # C: ours 2,117 sampled vs 2,136 unsampled in call B; the peer 1,890 vs 2,224-2,430 in other calls)
@@ -131,12 +135,18 @@ class Bench:
         self.log.flush()
         status = "ok" if rc == 0 else f"FAILED rc={rc}:\n" + "\n".join(text.strip().splitlines()[-15:])
         self.say(f"{name}: {status} ({time.time() - t:.0f} s)")
-        if sample and self.pyspy and raw.exists():
+        if sample and raw.exists():
             summary = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pyspy_summary.py"), str(raw),
                                       "--top", "40"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             with open(self.out / "pyspy.txt", "a") as f:
                 f.write(f"===== {name}\n{summary.stdout}\n")
         return rc, text
+
+    def sampled(self, name: str) -> bool:
+        """Whether `--pyspy` samples the run `name` ("real/ours-default", "real/peer")."""
+        wanted = (self.a.pyspy or "").split(",")
+        run = name.split("/")[-1]
+        return bool(self.pyspy) and ("all" in wanted or run in wanted or run.removeprefix("ours-") in wanted)
 
     def python_json(self, name: str, code: str, tag: str, need_s: float) -> tuple[int, Optional[dict]]:
         """Run a `python -c` snippet that prints `TAG {json}`; returns (exit code, that JSON or None)."""
@@ -181,7 +191,8 @@ class Bench:
                "--model.base_model", str(self.a.ckpt), "--trainer.default_root_dir", str(run_dir),
                "--adapter_export.enabled", "false", *QUIET, *data_args, *steps, *flags]
         rc, _ = self.sh(f"{suite}/ours-{name}", cmd, need_s=self.a.min_run_s, sample=True)
-        row = {"suite": suite, "run": f"ours-{name}", "flags": " ".join(flags), "rc": rc}
+        row = {"suite": suite, "run": f"ours-{name}", "flags": " ".join(flags), "rc": rc,
+               "sampled": self.sampled(f"{suite}/ours-{name}")}
         perf = run_dir / "lightning_logs" / "version_0" / "perf.json"
         if rc == 0 and perf.exists():
             p = json.loads(perf.read_text())
@@ -197,15 +208,16 @@ class Bench:
                     f.write(f"===== {suite}/ours-{name}: {' '.join(flags)}\n{prof.read_text()}\n")
         self.results["runs"].append(row)
 
-    def peer_real(self, data: Path, epoch_steps: int) -> None:
+    def peer_real(self, data: Path, epoch_steps: int, epochs: int) -> None:
         out = self.work / "peer_real.jsonl"
         out.unlink(missing_ok=True)
         rc, _ = self.sh("real/peer", [sys.executable, str(self.a.peer_dir / "peer_trainer.py"), str(self.a.ckpt),
                                       str(self.a.tokenizer), str(data), "--batch", "16", "--accum", "1",
-                                      "--warmup", str(epoch_steps), "--steps", str(epoch_steps), "--out", str(out)],
+                                      "--warmup", str(epoch_steps), "--steps", str(epoch_steps * (epochs - 1)),
+                                      "--out", str(out)],
                         need_s=self.a.min_run_s, sample=True)
         row = {"suite": "real", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (group_by_length)",
-               "rc": rc}
+               "rc": rc, "sampled": self.sampled("real/peer")}
         if rc == 0 and out.exists():
             p = json.loads(out.read_text().splitlines()[-1])
             row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
@@ -264,12 +276,30 @@ class Bench:
         if rc != 0:
             self.results["checks"][suite] = {"pass": False, "error": "reference run failed"}
             return
+        exact = self.work / f"check-{suite}-fp32"
+        if self.a.check_fp32:  # the same 4-bit training without bf16 rounding, from the same adapter
+            shutil.rmtree(exact, ignore_errors=True)
+            rc, _ = self.sh(f"check/{suite}/fp32-reference",
+                            [sys.executable, "benchmarks/peer_reference.py", "run", "--ckpt", str(self.a.ckpt),
+                             "--out", str(exact), "--steps", k, "--data-json", json.dumps(data_kwargs),
+                             "--precision", "fp32", "--init", str(ref / "init")], need_s=self.a.min_run_s)
+            if rc == 0:
+                self.results["checks"][f"{suite} fp32: peer"] = self._compare(
+                    f"check/{suite}/peer-vs-fp32", exact, ["--ours-ref", str(ref)], ref / "final", "peer recipe")
+            else:
+                exact = None
         runs = [("ours", flags)]
         if self.a.check_control:  # the same flags eager: what the compiled path changes beyond bf16 noise
             runs.append(("eager-control", [*flags, "--model.compile", "false"]))
         for label, run_flags in runs:
             key = suite if label == "ours" else f"{suite} (eager control)"
             self.results["checks"][key] = self._check_run(suite, label, ref, data_args, run_flags)
+            run_dir = self.work / f"check-{suite}-{label}"
+            if self.a.check_fp32 and exact and (run_dir / "adapter").exists():
+                self.results["checks"][f"{suite} fp32: {label}"] = self._compare(
+                    f"check/{suite}/{label}-vs-fp32", exact,
+                    ["--ours-logdir", str(run_dir / "lightning_logs" / "version_0")], run_dir / "adapter",
+                    " ".join(run_flags))
 
     def _check_run(self, suite: str, label: str, ref: Path, data_args: list[str], flags: list[str]) -> dict:
         """Our fit from the reference's LoRA init on the same batches, compared with the reference."""
@@ -285,13 +315,17 @@ class Bench:
         rc, _ = self.sh(f"check/{suite}/{label}", cmd, need_s=self.a.min_run_s)
         if rc != 0:
             return {"pass": False, "error": f"{label} run failed", "flags": " ".join(flags)}
-        rc, text = self.sh(f"check/{suite}/{label}/compare",
-                           [sys.executable, "benchmarks/peer_reference.py", "compare", "--ref", str(ref),
-                            "--ours-logdir", str(run_dir / "lightning_logs" / "version_0"),
-                            "--ours-adapter", str(run_dir / "adapter")], need_s=5)
+        return self._compare(f"check/{suite}/{label}/compare", ref,
+                             ["--ours-logdir", str(run_dir / "lightning_logs" / "version_0")], run_dir / "adapter",
+                             " ".join(flags))
+
+    def _compare(self, name: str, ref: Path, ours: list[str], adapter: Path, flags: str) -> dict:
+        """peer_reference.py compare: losses and adapter updates of `ours` against the reference `ref`."""
+        rc, text = self.sh(name, [sys.executable, "benchmarks/peer_reference.py", "compare", "--ref", str(ref),
+                                  *ours, "--ours-adapter", str(adapter)], need_s=5)
         lines = [x for x in text.splitlines() if x.startswith("{")]
         result = json.loads(lines[-1]) if rc == 0 and lines else {"pass": False}
-        result["flags"] = " ".join(flags)
+        result["flags"] = flags
         return result
 
     # --------------------------------------------------------------------------------------- report
@@ -315,6 +349,7 @@ class Bench:
             ratio = r["tokens_per_s"] / p["tokens_per_s"] if p and r.get("tokens_per_s") else None
             mem = r["peak_gib"] / p["peak_gib"] if p and r.get("peak_gib") else None
             name = r["run"] if r.get("rc") == 0 else f"{r['run']} ({'skipped' if r.get('rc') == -1 else 'failed'})"
+            name += " (py-spy: not a measurement)" if r.get("sampled") else ""
             rows.append(f"| {r['suite']} | {name} | {f(r.get('tokens_per_s'), ',.0f')} | "
                         f"{f(r.get('supervised_tokens_per_s'), ',.0f')} | {f(r.get('records_per_step'), '.1f')} | "
                         f"{f(r.get('peak_gib'), '.2f')} | {f(r.get('mfu'), '.3f')} | {f(ratio, '.2f')}x | "
@@ -402,12 +437,17 @@ def main() -> None:
     ap.add_argument("--check-steps", type=int, default=3)
     ap.add_argument("--check-control", action="store_true", help="also check the first variant's flags with "
                     "model.compile false against the same reference (bf16 noise floor of the comparison)")
+    ap.add_argument("--check-fp32", action="store_true", help="also train the reference in fp32 from the same "
+                    "adapter and compare the bf16 peer and each checked run with it (how far bf16 moves each)")
     ap.add_argument("--records", type=int, default=256, help="Alpaca records in the real suite's sample")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the sample a real-suite run trains; the "
+                    "first is the warm-up (compilation), the others are measured")
     ap.add_argument("--fixed-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps of each of our runs")
-    ap.add_argument("--pyspy", action="store_true", help="sample the Python stacks of our runs and the peer's "
-                    "real run with py-spy (where the CPU time goes: pyspy.txt)")
+    ap.add_argument("--pyspy", nargs="?", const="all", help="sample the Python stacks of these runs with py-spy "
+                    "(where the CPU time goes: pyspy.txt): `all` (bare --pyspy: our runs and the peer's real run) or "
+                    "variant names and/or `peer`, comma-separated. A sampled run's speed is not a measurement")
     ap.add_argument("--budget-s", type=float, default=540, help="skip runs that would end after this")
     ap.add_argument("--min-run-s", type=float, default=50, help="budget a run needs to be started")
     a = ap.parse_args()
@@ -417,6 +457,8 @@ def main() -> None:
     chosen = variants(a)
     if a.profile and a.records // 16 < a.profile + 2:
         sys.exit(f"--profile {a.profile}: needs --records >= {16 * (a.profile + 2)} (profiled steps end epoch 1)")
+    if a.epochs < 2:
+        sys.exit("--epochs: at least 2 (the first is not measured)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     b = Bench(a)
     if not b.environment() or not b.checkpoint():
@@ -433,13 +475,13 @@ def main() -> None:
             b.tokens_match(data)
         if "real" in suites:
             if not a.no_peer:
-                b.peer_real(data, epoch)
-            # two epochs, the second measured whole (profiled steps, if any, end the first)
+                b.peer_real(data, epoch, a.epochs)
+            # the first epoch warms up (profiled steps, if any, end it), the others are measured whole
             warm = (["--efficiency.warmup_steps", str(epoch - a.profile), "--efficiency.profile_steps", str(a.profile)]
                     if a.profile else ["--efficiency.warmup_steps", "0", "--efficiency.warmup_epochs", "1"])
             for name, flags in chosen:
-                b.ours("real", name, flags, real_args, ["--trainer.max_epochs", "2", "--trainer.max_steps", "-1",
-                                                        "--efficiency.window", str(epoch), *warm])
+                b.ours("real", name, flags, real_args, ["--trainer.max_epochs", str(a.epochs), "--trainer.max_steps",
+                                                        "-1", "--efficiency.window", str(epoch), *warm])
         if "real" in checks:
             kwargs = dict(tokenizer=str(a.ckpt), task="file", path=str(data), val_path=str(data), template="alpaca",
                           source_max_len=384, target_max_len=128, batch_size=16,

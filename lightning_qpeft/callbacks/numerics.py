@@ -58,16 +58,17 @@ class NonFiniteGuard(Callback):
         self.max_skips = max_skips
         self.skipped = 0
         self._in_a_row = 0
-        self._loss_finite = True
+        self._loss_finite: Any = True
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        # every micro-batch of an accumulation window passes here before the window's optimizer step
-        if not torch.isfinite(loss.detach()).all():
-            self._loss_finite = False
+        # every micro-batch of an accumulation window passes here before the window's optimizer step. Kept on the
+        # device: reading it here would make the CPU wait for the forward before it may queue the backward, and
+        # a step whose CPU issues kernels slower than the GPU runs them loses that wait (the 7B config's step)
+        self._loss_finite = torch.isfinite(loss.detach()).all() & self._loss_finite
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = all_finite(grads) & self._loss_finite
+        finite = all_finite(grads) & self._loss_finite  # read once, below: the step's one synchronisation
         self._loss_finite = True
         # every rank must take the same decision, or DDP ranks would drift apart
         finite = bool(trainer.strategy.reduce(finite.float(), reduce_op="min") > 0) if trainer.world_size > 1 \

@@ -1,6 +1,7 @@
 """A NaN injected into training: the policy is applied and no checkpoint ever holds a non-finite tensor."""
 
 import math
+from contextlib import nullcontext
 
 import peft
 import pytest
@@ -87,3 +88,27 @@ def test_all_finite_flags_any_nan_or_inf_and_leaves_values_alone():
         broken[2, 3] = bad
         assert not bool(all_finite([fp32, broken, big]))
     assert bool(all_finite([]))
+
+
+def test_a_non_finite_loss_with_finite_gradients_skips_the_step():
+    """An inf loss need not reach the gradients (inf + a constant differentiates to finite values): the loss's
+    flag, kept on the device between the backward and the optimizer step, must still skip the step."""
+    from types import SimpleNamespace
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    trainer = SimpleNamespace(world_size=1, global_step=5)
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.update({name: value}))
+    guard = NonFiniteGuard(policy="skip")
+    for loss_offset, skipped in ((0.0, 0), (math.inf, 1), (0.0, 1)):  # the flag resets after each step
+        loss = (weight * 2).sum() + loss_offset
+        guard.on_before_backward(trainer, module, loss)
+        loss.backward()
+        assert torch.isfinite(weight.grad).all()
+        with pytest.warns(UserWarning, match="optimizer step skipped") if loss_offset else nullcontext():
+            guard.on_before_optimizer_step(trainer, module, optimizer)
+        assert guard.skipped == skipped
+        assert (weight.grad is None) == bool(loss_offset)
+        optimizer.zero_grad()
+    assert logged == {"train/nonfinite_skips": 1.0}
