@@ -58,10 +58,8 @@ def run(a: argparse.Namespace) -> None:
     if a.init:  # another reference's init: the same starting adapter, whatever this run's dtype
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, a.init, is_trainable=True)
-        for p in model.parameters():  # trained in fp32, as get_peft_model makes LoRA weights
-            if p.requires_grad:
-                p.data = p.data.float()
+        model = PeftModel.from_pretrained(model, a.init, is_trainable=True)  # adapter weights in fp32 (peft's
+        # autocast_adapter_dtype), as get_peft_model makes them
     else:
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0,

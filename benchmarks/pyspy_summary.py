@@ -8,7 +8,7 @@ layers, bitsandbytes' wrappers, Lightning's loop, the optimizer, waiting in a CU
 Usage (on the device, py-spy from its wheel in .whl/):
 
     py-spy record --idle --rate 200 --format raw -o raw.txt -- python -m lightning_qpeft fit ...
-    python benchmarks/pyspy_summary.py raw.txt [--root training_epoch_loop.py] [--top 40]
+    python benchmarks/pyspy_summary.py raw.txt[.gz] [--root training_epoch_loop.py] [--top 40]
 
 A sampled run is slowed by the sampling (by how much was not measured apart): read shares from it, not speed.
 Prints the share of the training loop's samples in each phase (forward, backward, optimizer, data, callbacks,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import re
 
 def _fn(names: str, where: str = "") -> re.Pattern:
@@ -47,15 +48,24 @@ IDLE_LEAF = re.compile(r"(^|\.)(wait|_wait_for_tstate_lock|select|poll|_poll|rec
                        r"accept|read|readinto|_worker_loop|run) \(")
 # Compilation inside the loop (torch.compile's first calls and recompiles, inductor's lazy backward compile,
 # Triton's JIT): a one-off cost the measured window leaves out, so its samples are counted apart, not in the shares.
-COMPILING = re.compile(r"\((\S*/)?(torch/_dynamo/convert_frame|torch/_inductor/compile_fx|torch/_functorch/aot_autograd|"
-                       r"torch/_functorch/_aot_autograd/graph_compile|torch/_inductor/select_algorithm|"
-                       r"triton/compiler/compiler)\.py:")
+# By function, not by file: the compiled forward runs at every step inside a closure defined in aot_autograd.py.
+COMPILING = re.compile(r"(^|\.)(_compile|compile_inner) \((\S*/)?torch/_dynamo/|"
+                       r"(^|\.)(compile_fx|compile_fx_inner|fx_codegen_and_compile|autotune_select_algorithm) "
+                       r"\((\S*/)?torch/_inductor/|"
+                       r"(^|\.)(create_aot_dispatcher_function|aot_module_simplified) \((\S*/)?torch/_functorch/|"
+                       r"\((\S*/)?triton/compiler/compiler\.py:")
 MAIN_THREAD = re.compile(r"^(_run_module_as_main|<module>) \(")
 ROOTS = ["training_epoch_loop.py", "_inner_training_loop"]  # Lightning's loop, HF Trainer's loop
 
 
+def _open(path: str):
+    """The recording as text, gzipped (`.gz`, as qlora_speed.py keeps it) or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors="replace")
+
+
 def parse(path: str):
-    for line in open(path, encoding="utf-8", errors="replace"):
+    for line in _open(path):
         line = line.rstrip("\n")
         if not line:
             continue
@@ -73,7 +83,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=40)
     a = ap.parse_args()
     if a.root is None:
-        text = open(a.raw, encoding="utf-8", errors="replace").read()
+        with _open(a.raw) as f:
+            text = f.read()
         a.root = next((r for r in ROOTS if r in text), ROOTS[0])
 
     total = compiling = 0

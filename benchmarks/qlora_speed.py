@@ -12,8 +12,8 @@ What runs, in this order (each in its own process, so each starts with an empty 
    optimizer step. The peer (bench_data/peer_trainer.py --batch 16 --accum 1, group_by_length) and each of our
    variants train `--epochs` epochs of the sample (default 3) and are timed over all but the first: whole epochs
    hold the same records whatever the order (peers.md: a window of the peer's first steps is biased towards its
-   longest records), and more than one of them averages out the host's moments (call I: two 16-step windows of
-   the same preset measured 4,512 and 5,293 tokens/s).
+   longest records), and more than one of them averages out the host's moments (one config measured 3,891-5,293
+   tokens/s in calls I-K on three machines; the peer 2,165-2,797).
 3. suite `fixed`: 8 x 512 random tokens, every token supervised (labels = input ids): the peer's
    peer_fixed_length.py nf4-dq:1 (median of 8 steps after 3) and ours (`data.task: random-tokens`, mean of
    `--fixed-steps` steps after 3).
@@ -34,7 +34,8 @@ steps of each of our runs just before its measured window (`efficiency.profile_s
 goes, by kernel category, and how long the GPU waits for the CPU.
 
 Writes under --out: results.json (every number), table.md (the table), runs.log (every process's output),
-profiles.txt (with --profile), pyspy.txt (with --pyspy: where the CPU time goes, benchmarks/pyspy_summary.py).
+profiles.txt (with --profile), pyspy.txt (with --pyspy: where the CPU time goes, benchmarks/pyspy_summary.py) and
+each sampled run's raw stacks, pyspy-<run>.txt.gz.
 """
 
 from __future__ import annotations
@@ -84,10 +85,16 @@ PRESETS: dict[str, list[str]] = {
     # gradient clipping with an optimizer that unscales internally (RESULTS.md, calls E and F)
     "adamw": [*LAYER64, "--model.optimizer", ADAMW],
     "adamw16": [*LAYER64, "--model.optimizer", ADAMW, "--data.pad_to_multiple_of", "16"],  # the config from call K
+    # bitsandbytes' dequantization traced into the layer graphs as torch ops (no Python dispatch per weight)
+    "traced16": [*LAYER64, "--model.optimizer", ADAMW, "--data.pad_to_multiple_of", "16",
+                 "--model.compile_dequantize", "true"],
 }
-# every other preset was measured with QLoRA's paged AdamW 32-bit (the config's optimizer until call K)
+# every other preset was measured with QLoRA's paged AdamW 32-bit (the config's optimizer until call K) and with
+# bitsandbytes' ops opaque to the compiled graphs
 PAGED = "{class_path: bitsandbytes.optim.PagedAdamW32bit, init_args: {lr: 0.0002, weight_decay: 0.0}}"
-PRESETS = {name: flags if name == "default" or "--model.optimizer" in flags else [*flags, "--model.optimizer", PAGED]
+PRESETS = {name: flags if name == "default" else
+           [*flags, *([] if "--model.optimizer" in flags else ["--model.optimizer", PAGED]),
+            *([] if "--model.compile_dequantize" in flags else ["--model.compile_dequantize", "false"])]
            for name, flags in PRESETS.items()}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
@@ -104,7 +111,8 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out / "runs.log", "a")
         args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
-        self.results: dict = {"runs": [], "checks": {}, "args": args}
+        # checks: the verdicts; fp32: each bf16 run against the fp32 training (information, read by against_fp32)
+        self.results: dict = {"runs": [], "checks": {}, "fp32": {}, "args": args}
         self.pyspy = find_pyspy() if a.pyspy else None
         if a.pyspy and not self.pyspy:
             print("--pyspy: no py-spy binary (pip install py-spy, or its wheel in .whl/): runs not sampled")
@@ -148,6 +156,8 @@ class Bench:
                                       "--top", "40"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             with open(self.out / "pyspy.txt", "a") as f:
                 f.write(f"===== {name}\n{summary.stdout}\n")
+            # the raw stacks, gzipped (call J's 4-epoch recording was too large to come back from the device)
+            subprocess.run(["gzip", "-f", str(raw)], check=False)
         return rc, text
 
     def sampled(self, name: str) -> bool:
@@ -200,7 +210,7 @@ class Bench:
                "--adapter_export.enabled", "false", *QUIET, *data_args, *steps, *flags]
         rc, _ = self.sh(f"{suite}/ours-{name}", cmd, need_s=self.a.min_run_s, sample=True)
         row = {"suite": suite, "run": f"ours-{name}", "flags": " ".join(flags), "rc": rc,
-               "sampled": self.sampled(f"{suite}/ours-{name}")}
+               "sampled": rc != -1 and self.sampled(f"{suite}/ours-{name}")}
         perf = run_dir / "lightning_logs" / "version_0" / "perf.json"
         if rc == 0 and perf.exists():
             p = json.loads(perf.read_text())
@@ -225,7 +235,7 @@ class Bench:
                                       "--out", str(out)],
                         need_s=self.a.min_run_s, sample=True)
         row = {"suite": "real", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (group_by_length)",
-               "rc": rc, "sampled": self.sampled("real/peer")}
+               "rc": rc, "sampled": rc != -1 and self.sampled("real/peer")}
         if rc == 0 and out.exists():
             p = json.loads(out.read_text().splitlines()[-1])
             row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
@@ -292,13 +302,13 @@ class Bench:
                              "--out", str(exact), "--steps", k, "--data-json", json.dumps(data_kwargs),
                              "--precision", "fp32", "--init", str(ref / "init")], need_s=self.a.min_run_s)
             if rc == 0:
-                self.results["checks"][f"{suite} fp32: peer"] = self._compare(
+                self.results["fp32"][f"{suite}: peer"] = self._compare(
                     f"check/{suite}/peer-vs-fp32", exact, ["--ours-ref", str(ref)], ref / "final", "peer recipe")
             else:
                 exact = None
         runs = [("ours", flags)]
         if self.a.check_control:  # the same flags eager: what the compiled path changes beyond bf16 noise
-            runs.append(("eager-control", [*flags, "--model.compile", "false"]))
+            runs.append(("eager-control", [*flags, "--model.compile", "false", "--model.compile_dequantize", "false"]))
         for label, run_flags in runs:
             key = suite if label == "ours" else f"{suite} (eager control)"
             self.results["checks"][key] = self._check_run(suite, label, ref, data_args, run_flags)
@@ -307,9 +317,9 @@ class Bench:
                 to_fp32 = self._compare(f"check/{suite}/{label}-vs-fp32", exact,
                                         ["--ours-logdir", str(run_dir / "lightning_logs" / "version_0")],
                                         run_dir / "adapter", " ".join(run_flags))
-                self.results["checks"][f"{suite} fp32: {label}"] = to_fp32
+                self.results["fp32"][f"{suite}: {label}"] = to_fp32
                 self.results["checks"][key] = against_fp32(self.results["checks"][key], to_fp32,
-                                                           self.results["checks"].get(f"{suite} fp32: peer", {}))
+                                                           self.results["fp32"].get(f"{suite}: peer", {}))
 
     def _check_run(self, suite: str, label: str, ref: Path, data_args: list[str], flags: list[str]) -> dict:
         """Our fit from the reference's LoRA init on the same batches, compared with the reference."""
@@ -370,6 +380,9 @@ class Bench:
         checks = self.results["checks"]
         for name, c in checks.items():
             self.say(f"check {name}: {'PASS' if c.get('pass') else 'FAIL'} {json.dumps(c)}")
+        for name, c in self.results["fp32"].items():  # information: how far bf16 moves each run from fp32
+            self.say(f"against the fp32 training, {name}: max |loss diff| {c.get('max_abs_loss_diff')}, "
+                     f"update cosine {c.get('adapter_update_cosine')}")
         for r in self.results["runs"]:
             if r.get("flags"):
                 self.say(f"{r['suite']}/{r['run']}: {r['flags']}")
@@ -393,7 +406,7 @@ class Bench:
 
 
 # How much closer to the fp32 training the peer's bf16 run may be than ours (adapter-update cosines). Call K: the
-# peer and our runs were each 0.9709 from it, and 0.984-0.991 from each other: bf16 alone moves three steps' update
+# peer and our runs were each 0.9709 from it, and 0.984-0.992 from each other: bf16 alone moves three steps' update
 # by ~0.03, so a fixed line on the cosine between two bf16 runs (0.99 until call K) says little.
 FP32_COSINE_SLACK = 0.005
 
@@ -404,7 +417,7 @@ def against_fp32(check: dict, ours: dict, peer: dict) -> dict:
     FP32_COSINE_SLACK. `check` keeps its cosine to the peer, as information."""
     mine, theirs = ours.get("adapter_update_cosine"), peer.get("adapter_update_cosine")
     if mine is None or theirs is None or check.get("max_abs_loss_diff") is None:
-        return check
+        return {**check, "criterion": "loss diff <= tolerance, cosine to the peer's update >= 0.99 (no fp32 run)"}
     out = {**check, "cosine_to_fp32": mine, "peer_cosine_to_fp32": theirs,
            "criterion": f"loss diff <= tolerance, cosine to fp32 >= peer's - {FP32_COSINE_SLACK}"}
     out["pass"] = bool(check.get("losses_pass") and not check.get("tensors_mismatched")

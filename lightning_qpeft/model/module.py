@@ -13,6 +13,7 @@ Config keys (`model.*`):
                              (`fused_loss.py`: fused computes them at supervised positions only, chunk by chunk)
     compile, compile_options, compile_scope: torch.compile each decoder layer's attention and MLP, or the whole
                              layer (`preparation.compile_layers`)
+    compile_dequantize:      trace bitsandbytes' 4-bit dequantization into the compiled graphs (`traced_dequant.py`)
     optimizer, lr_scheduler: callables applied to the trainable parameters only
     generation:              decoding settings for `predict` and generation metrics
 
@@ -59,6 +60,7 @@ from lightning_qpeft.model.loading import load_base_model, resolve_base_model
 from lightning_qpeft.model.preparation import check_compile_scope, compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.schedules import needs_total_steps
+from lightning_qpeft.model.traced_dequant import set_traced_dequantize
 
 # batch keys that go to the model's forward; the rest (metadata for generation) stays out
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
@@ -119,6 +121,8 @@ class QPeftModule(LightningModule):
         compile_options: keyword arguments of torch.compile (e.g. {"mode": "max-autotune-no-cudagraphs"}).
         compile_scope: attention_mlp (two graphs a layer) or decoder_layer (one graph a layer, norms and residual
             adds included); the gradient checkpoint stays outside the graphs either way.
+        compile_dequantize: with compile, trace bitsandbytes' 4-bit dequantization into the graphs as torch ops
+            (the values of its kernels, bit for bit) instead of calling its Python-dispatched ops.
         optimizer: optimizer factory, given the trainable parameters.
         lr_scheduler: scheduler factory, stepped every optimizer step.
         generation: decoding settings for predict and generation metrics.
@@ -143,6 +147,7 @@ class QPeftModule(LightningModule):
         compile: bool = False,
         compile_options: Optional[dict[str, Any]] = None,
         compile_scope: str = "attention_mlp",
+        compile_dequantize: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         generation: Optional[Generation] = None,
@@ -181,6 +186,10 @@ class QPeftModule(LightningModule):
         self.compile_options = compile_options
         check_compile_scope(compile_scope)
         self.compile_scope = compile_scope
+        if compile_dequantize and not compile:
+            raise ValueError("model.compile_dequantize: true changes what torch.compile traces; it needs "
+                             "model.compile: true")
+        self.compile_dequantize = compile_dequantize
         self.loss_impl = "standard"  # what model.loss resolves to on this run's device (configure_model)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -237,10 +246,14 @@ class QPeftModule(LightningModule):
         self.loss_impl = resolve_loss(self.loss, device)
         if self.loss_impl != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
-        if self._compiles():
+        compiles = self._compiles()
+        # process-wide (inductor's decomposition table): set by every module, so none inherits another's
+        set_traced_dequantize(compiles and self.compile_dequantize)
+        if compiles:
             n = compile_layers(self.model, self.compile_options, self.compile_scope)
             what = "attention and MLP modules" if self.compile_scope == "attention_mlp" else "decoder layers"
-            rank_zero_info(f"model.compile: {n} {what} compiled (options {self.compile_options or {}})")
+            rank_zero_info(f"model.compile: {n} {what} compiled (options {self.compile_options or {}}"
+                           + ("; 4-bit dequantization traced" if self.compile_dequantize else "") + ")")
 
     def _under_fsdp(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy

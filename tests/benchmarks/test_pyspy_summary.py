@@ -1,5 +1,6 @@
 """benchmarks/pyspy_summary.py: a py-spy raw recording -> phase shares of the training loop, computed by hand here."""
 
+import gzip
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,12 @@ def test_shares_phases_and_the_autograd_thread(tmp_path):
     raw.write_text("\n".join([
         # 30 samples forward, 50 backward (main thread waiting), 20 in the optimizer's own update
         CLOSURE + ";QPeftModule.training_step (lightning_qpeft/model/module.py:331);"
-                  "Linear4bit.forward (peft/tuners/lora/bnb.py:533) 30",
+                  "Linear4bit.forward (peft/tuners/lora/bnb.py:533) 20",
+        # a compiled layer running at step time: the closure aot_autograd.py returns is not compilation
+        CLOSURE + ";QPeftModule.training_step (lightning_qpeft/model/module.py:331);"
+                  "forward (/opt/venv/lib/python3.12/site-packages/torch/_functorch/aot_autograd.py:1277) 8",
+        # nor is a regular expression compiled at step time
+        CLOSURE + ";QPeftModule.training_step (lightning_qpeft/model/module.py:331);_compile (re/__init__.py:280) 2",
         CLOSURE + ";Tensor.backward (torch/_tensor.py:600);_engine_run_backward (torch/autograd/graph.py:869) 50",
         LOOP + ";_single_tensor_adam (torch/optim/adam.py:475) 20",
         # the autograd device thread recomputing a checkpointed layer: 25 busy samples; an idle writer thread: 40
@@ -27,7 +33,8 @@ def test_shares_phases_and_the_autograd_thread(tmp_path):
         # torch.compile's first call inside the forward, and inductor compiling the backward: left out (60)
         CLOSURE + ";QPeftModule.training_step (lightning_qpeft/model/module.py:331);"
                   "_compile (/opt/venv/lib/python3.12/site-packages/torch/_dynamo/convert_frame.py:1100) 45",
-        CLOSURE + ";Tensor.backward (torch/_tensor.py:600);compile_fx (torch/_inductor/compile_fx.py:2000) 15",
+        CLOSURE + ";Tensor.backward (torch/_tensor.py:600);CompiledFunction.backward (torch/_functorch/_aot_autograd/"
+                  "runtime_wrappers.py:2200);compile_fx_inner (torch/_inductor/compile_fx.py:700) 15",
         # before the loop (imports): not counted
         "_run_module_as_main (<frozen runpy>:198);<module> (lightning_qpeft/cli.py:24) 999",
         "",
@@ -41,3 +48,9 @@ def test_shares_phases_and_the_autograd_thread(tmp_path):
     assert "other threads, busy: 25 samples (25.0 % of the loop's" in out
     assert "25.0 %  LlamaDecoderLayer.forward (transformers/models/llama/modeling_llama.py)" in out
     assert "Condition.wait" not in out and "_recv_msg" not in out  # an idle thread is not CPU time
+
+    # gzipped, as qlora_speed.py keeps the recording: the same summary
+    zipped = tmp_path / "raw.txt.gz"
+    zipped.write_bytes(gzip.compress(raw.read_bytes()))
+    assert subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pyspy_summary.py"), str(zipped), "--top", "5"],
+                          capture_output=True, text=True, check=True).stdout == out
