@@ -103,7 +103,7 @@ def main() -> None:
                 continue  # threads that wait for inductor's compile workers (call J: 4x the loop's samples)
             if frames and not MAIN_THREAD.search(frames[0]) and not IDLE_LEAF.search(frames[-1]):
                 worker_total += n
-                for f in set(re.sub(r":\d+\)$", ")", f) for f in frames):
+                for f in dict.fromkeys(re.sub(r":\d+\)$", ")", f) for f in frames):
                     worker[f] += n
             continue
         below = frames[idx + 1:]
@@ -114,7 +114,7 @@ def main() -> None:
                 phase = name
                 break
         phases[phase] += n
-        for f in set(re.sub(r":\d+\)$", ")", f) for f in below):  # a function once per sample, any line
+        for f in dict.fromkeys(re.sub(r":\d+\)$", ")", f) for f in below):  # once per sample, any line; in order
             inclusive[f] += n
         if below:
             leaf[below[-1]] += n
