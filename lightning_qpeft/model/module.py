@@ -122,7 +122,7 @@ class QPeftModule(LightningModule):
         compile_scope: attention_mlp (two graphs a layer) or decoder_layer (one graph a layer, norms and residual
             adds included); the gradient checkpoint stays outside the graphs either way.
         compile_dequantize: with compile, trace bitsandbytes' 4-bit dequantization into the graphs as torch ops
-            (the values of its kernels, bit for bit) instead of calling its Python-dispatched ops.
+            (the values of its kernels: bit for bit on the CPU) instead of calling its Python-dispatched ops.
         optimizer: optimizer factory, given the trainable parameters.
         lr_scheduler: scheduler factory, stepped every optimizer step.
         generation: decoding settings for predict and generation metrics.

@@ -2,9 +2,10 @@
 
 bitsandbytes exposes its CUDA kernels as torch.library ops whose kernels are Python functions (argument checks,
 buffer allocation, a ctypes call). A compiled decoder layer calls them as opaque ops, one Python dispatch each:
-every 4-bit weight is dequantized three times a step (forward, the checkpoint's recomputation, the input
-gradient), and with double quantization each time is two ops (the absmax's 8-bit dequantization, then the
-weight's): ~1,300 Python kernel calls a step on Llama-2-7B, up to 8.8 % of the training loop's samples under py-spy
+every 4-bit weight is dequantized three times a step, in four ops (bitsandbytes 0.50: the forward and the
+checkpoint's recomputation call `gemm_4bit`, dequantization + matmul in one op; the input gradient calls
+`dequantize_blockwise` for the double-quantized absmax, then `dequantize_4bit`): ~900 Python kernel calls a step
+on Llama-2-7B's 224 adapted weights, up to 8.8 % of the training loop's samples under py-spy
 (benchmarks/RESULTS.md, 2026-11-29 call J).
 
 The arithmetic is small: a code-table lookup of each nibble (high one first), times its block's fp32 absmax,
@@ -15,7 +16,8 @@ and registered as inductor decompositions of `dequantize_4bit`, `dequantize_bloc
 (dequantize + linear), so the compiled graphs contain it instead of the opaque ops; inductor fuses each
 weight's two dequantizations into its generated kernels, launched from its wrapper code without Python
 dispatch. The values are bitsandbytes' own (tests/model/test_traced_dequant.py: bit-identical to its kernels on
-the CPU, NF4 and FP4, with and without double quantization, bf16/fp16/fp32). For a micro-batch of at most
+the CPU, NF4 and FP4, with and without double quantization, bf16/fp16/fp32; its CUDA kernels compute the same
+fp32 product and cast, but that equality is not yet checked on a GPU). For a micro-batch of at most
 1,536 rows bitsandbytes' CUDA `gemm_4bit` runs its own fused 4-bit GEMM, which this
 replaces by dequantization + cuBLAS: same values up to the matmul's summation order.
 
@@ -61,8 +63,9 @@ def set_traced_dequantize(enabled: bool) -> None:
             _autograd_cache = functorch_config.enable_autograd_cache
         functorch_config.enable_autograd_cache = False
     else:
-        for op in _ours:
-            table.pop(op, None)
+        for op, fn in _ours.items():
+            if table.get(op) is fn:  # ours only
+                del table[op]
         if _autograd_cache is not None:
             functorch_config.enable_autograd_cache = _autograd_cache
             _autograd_cache = None
