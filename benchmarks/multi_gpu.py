@@ -11,7 +11,9 @@ layer, gradient checkpointing, fixed-length random tokens (8 x 512 a GPU: weak s
 per GPU), bf16-mixed. The efficiency callback's perf.json gives global and per-GPU tokens/s, the peak memory
 (max over ranks, loading included) and what stays resident once the model is set up (the FSDP shard).
 
-Run names: `ddp:N` / `fsdp:N` on Llama-2-7B, `fsdp70b:N` on Llama-2-70B (micro-batch 4 x 512). The table is
+Run names: `ddp:N` / `fsdp:N` on Llama-2-7B (eager, paged AdamW: how the first tables were measured), `ddpc:N`
+on Llama-2-7B as the config trains it (compiled decoder layers, torch AdamW), `fsdp70b:N` on Llama-2-70B
+(micro-batch 4 x 512). The table is
 printed last: tokens/s, per GPU, scaling vs the 1-GPU run, resident and peak GiB per GPU.
 """
 
@@ -32,20 +34,21 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0", "--adapter_export.enabled", "false"]
 PAGED = "{class_path: bitsandbytes.optim.PagedAdamW32bit, init_args: {lr: 0.0002, weight_decay: 0.0}}"
-SHAPES = {"ddp": ("random:llama-2-7b", 8), "fsdp": ("random:llama-2-7b", 8), "fsdp70b": ("random:llama-2-70b", 4)}
+SHAPES = {"ddp": ("random:llama-2-7b", 8), "ddpc": ("random:llama-2-7b", 8), "fsdp": ("random:llama-2-7b", 8), "fsdp70b": ("random:llama-2-70b", 4)}
 
 
 def command(name: str, devices: int, tokenizer: str, root: Path, steps: int) -> list[str]:
     kind = name.split(":")[0]
     base, batch = SHAPES[kind]
-    strategy = "ddp" if kind == "ddp" else "fsdp"
-    if kind == "ddp" and devices == 1:
+    strategy = "fsdp" if kind.startswith("fsdp") else "ddp"
+    if strategy == "ddp" and devices == 1:
         strategy = "auto"
+    # eager and with paged AdamW, as the first tables in RESULTS.md were measured; `ddpc` keeps the config's
+    # compiled layers and torch AdamW
+    pinned = [] if kind == "ddpc" else ["--model.compile", "false", "--model.optimizer", PAGED]
     return [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG), *QUIET,
             "--model.base_model", base, "--model.tokenizer", tokenizer,
-            # eager and with paged AdamW, as the tables in RESULTS.md were measured (the config now compiles and
-            # steps torch's AdamW: not yet measured under DDP/FSDP; --extra '--model.compile true' to try it)
-            "--model.compile", "false", "--model.optimizer", PAGED,
+            *pinned,
             "--data.task", "random-tokens", "--data.path", "null", "--data.train_on_source", "true",
             "--data.source_max_len", "384", "--data.target_max_len", "128", "--data.batch_size", str(batch),
             "--trainer.devices", str(devices), "--trainer.strategy", strategy,
@@ -81,26 +84,27 @@ def main() -> None:
             rc, log = 124, (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
         (out / "runs.log").open("a").write(f"\n===== {run} rc={rc} ({time.time() - t0:.0f} s)\n{log}")
         perf = sorted(root.rglob("perf.json"))
-        row = {"run": run, "gpus": int(n), "rc": rc, "seconds": round(time.time() - t0)}
+        row = {"run": run, "gpus": int(n), "rc": rc, "wall_s": round(time.time() - t0)}
         if rc == 0 and perf:
             row.update(json.loads(perf[-1].read_text()))
         else:
             row["error"] = "\n".join(line for line in log.splitlines()[-40:] if line.strip())[-1500:]
-        print(f"[{run}] rc={rc} in {row['seconds']} s", flush=True)
+        print(f"[{run}] rc={rc} in {row['wall_s']} s", flush=True)
         if "error" in row:
             print(row["error"], flush=True)
         results.append(row)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     base = {r["run"].split(":")[0]: r for r in results if r.get("gpus") == 1 and "tokens_per_s" in r}
+    base["fsdp"] = base.get("ddp")
     print("\n| run | GPUs | tokens/s (global) | tokens/s per GPU | per GPU vs 1 GPU | resident GiB/GPU | peak GiB/GPU | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "tokens_per_s" not in r:
             print(f"| {r['run']} | {r['gpus']} | failed (rc {r['rc']}) | | | | | |")
             continue
-        ref = base.get("ddp")
+        ref = base.get(r["run"].split(":")[0])  # per GPU against the 1-GPU run of the same kind (fsdp: ddp:1)
         per = r["tokens_per_s"] / r["gpus"]
-        scale = f"{per / ref['tokens_per_s']:.2f}x" if ref and not r["run"].startswith("fsdp70b") else "-"
+        scale = f"{per / ref['tokens_per_s']:.2f}x" if ref else "-"
         res = r.get("resident_memory_gib_at_train_start")
         print(f"| {r['run']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {per:,.0f} | {scale} | "
               f"{res:.2f} | {r['peak_memory_gib']:.2f} | {r.get('mfu') or float('nan'):.3f} |"

@@ -1,10 +1,22 @@
-"""Several GPUs: DDP works as Lightning ships it; FSDP needs a few choices for a quantized base + adapter.
+"""Several GPUs: Lightning's DDP and FSDP strategies, with the few choices a quantized base + adapter needs.
 
     --trainer.devices N --trainer.strategy ddp     each rank loads its own quantized base (`configure_model`)
-    --trainer.strategy fsdp                        the quantized base sharded across ranks (this module)
+    --trainer.strategy fsdp                        the quantized base sharded across ranks
 
-Importing `lightning_qpeft.cli` registers `QPeftFSDPStrategy` under Lightning's name `fsdp`, so the plain
-flag gets it. What it changes against Lightning's `FSDPStrategy`, and why:
+Importing `lightning_qpeft.cli` registers `QPeftDDPStrategy` and `QPeftFSDPStrategy` under Lightning's names
+`ddp` and `fsdp`, so the plain flags get them. What `QPeftDDPStrategy` changes against `DDPStrategy`:
+
+- DDP is built on the stream the forwards run on. Lightning builds it on a side CUDA stream; DDP's reducer
+  keeps the AccumulateGrad nodes it creates there, and every backward then accumulates the adapter's
+  gradients across streams (torch >= 2.11 warns: "The AccumulateGrad node's stream does not match the stream
+  of the node that produced the incoming gradient ... ensure that DDP initialization is performed under the
+  same stream as subsequent forwards").
+
+Under both, the training loss is the mean over every rank's supervised tokens (`global_token_mean`), so N
+GPUs with micro-batches of B records train as one GPU with micro-batches of N x B (the data module gives
+rank r batch r of every step's N: the same records).
+
+What `QPeftFSDPStrategy` changes against Lightning's `FSDPStrategy`, and why:
 
 - auto-wrap policy: peft's `fsdp_auto_wrap_policy` (one FSDP unit per decoder layer, one per trainable
   adapter leaf), so no flat parameter mixes frozen and trainable tensors and each layer is gathered alone.
@@ -23,8 +35,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def fsdp_param_dtype(precision: str) -> torch.dtype:
@@ -34,6 +47,35 @@ def fsdp_param_dtype(precision: str) -> torch.dtype:
     if precision.startswith("16"):
         return torch.float16
     return torch.float32
+
+
+def global_token_mean(loss: torch.Tensor, n: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's mean loss over its `n` supervised tokens -> (the loss to backpropagate, the mean over all
+    ranks' tokens, for logging).
+
+    DDP and FSDP average the ranks' gradients. Weighting each rank's mean by its share of the step's supervised
+    tokens (times the world size) makes that average the gradient of the mean over every rank's tokens: what
+    one GPU computes on the union of the micro-batches (transformers' Trainer does the same with
+    `average_tokens_across_devices`). Without it a rank with few answer tokens weighs as much as one with many.
+    One `all_reduce` on the current stream and no host sync: Lightning's `strategy.reduce` would add a barrier.
+    """
+    totals = torch.stack([n.float(), loss.detach().float() * n])
+    torch.distributed.all_reduce(totals)
+    n_all = totals[0].clamp(min=1)
+    return loss * (n * world_size / n_all).to(loss.dtype), totals[1] / n_all
+
+
+class QPeftDDPStrategy(DDPStrategy):
+    """Lightning's DDP strategy, with DDP built on the current stream (see the module docstring).
+
+    Args:
+        **kwargs: `lightning.pytorch.strategies.DDPStrategy` arguments.
+    """
+
+    strategy_name = "ddp"
+
+    def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
 
 
 class QPeftFSDPStrategy(FSDPStrategy):
@@ -74,7 +116,12 @@ def _clean(name: str) -> str:
 
 
 def register_strategies() -> None:
-    """Make `--trainer.strategy fsdp` mean `QPeftFSDPStrategy` (idempotent)."""
+    """Make `--trainer.strategy ddp|fsdp` (and ddp_spawn, ddp_find_unused_parameters_true...) mean
+    `QPeftDDPStrategy` / `QPeftFSDPStrategy` (idempotent)."""
+    for name, entry in list(StrategyRegistry.items()):
+        if entry["strategy"] in (DDPStrategy, QPeftDDPStrategy):
+            StrategyRegistry.register(name, QPeftDDPStrategy, description=entry["description"], override=True,
+                                      **entry["init_params"])
     StrategyRegistry.register(
         "fsdp", QPeftFSDPStrategy, description="FSDP for quantized bases with adapters", override=True
     )

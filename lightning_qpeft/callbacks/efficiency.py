@@ -136,6 +136,7 @@ class EfficiencyMonitor(Callback):
         self.paused = 0.0
         self.pause_start: Optional[float] = None  # validate/test outside fit never pause a measurement
         self.resident_at_start: Optional[int] = None
+        self.peak_at_start: Optional[int] = None
 
     # --------------------------------------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -163,6 +164,8 @@ class EfficiencyMonitor(Callback):
         else:
             self.peak, self.peak_source = peak_flops(self.device, trainer.precision)
         self.resident_at_start = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        # the peak of loading and wrapping alone (rank 0's): tells a set-up peak from a training one
+        self.peak_at_start = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         self.first_step = trainer.global_step  # a resumed fit starts at its checkpoint's step
         self.first_epoch = trainer.current_epoch
         self.start_step = None
@@ -355,6 +358,7 @@ class EfficiencyMonitor(Callback):
             # what stays on this rank's device once the model is set up (weights, adapter; under FSDP the shard):
             # the figure that falls with 1/N under FSDP, unlike the peak, which includes loading
             "resident_memory_gib_at_train_start": self.resident_at_start / GIB if self.resident_at_start else None,
+            "peak_memory_gib_at_train_start": self.peak_at_start / GIB if self.peak_at_start else None,
             "peak_flops": self.peak,
             "peak_flops_source": self.peak_source,
             "gradient_checkpointing": self.recompute,

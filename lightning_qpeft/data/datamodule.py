@@ -33,7 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
                                          tokenize_records)
-from lightning_qpeft.data.samplers import RecordBatchSampler, cut_batches
+from lightning_qpeft.data.samplers import RecordBatchSampler
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
 from lightning_qpeft.model.loading import TOKENIZER_KEY, load_tokenizer, resolve_base_model
@@ -276,10 +276,9 @@ class NLGDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def train_sampler(self) -> Optional[RecordBatchSampler]:
-        """The training batch sampler, or None for plain shuffled batches of `batch_size`."""
-        if not (self.group_by_length or self.max_tokens):
-            return None
+    def train_sampler(self) -> RecordBatchSampler:
+        """The training batch sampler: seeded, resumable, and the same global batches on any number of ranks
+        (N ranks with `batch_size` B take, at each step, the records one process with N x B takes)."""
         world, rank = self._world()
         lengths = column(self.tokenized["train"], "length")
         return RecordBatchSampler(
@@ -297,31 +296,27 @@ class NLGDataModule(LightningDataModule):
         self._log_statistics(sampler)
         # StatefulDataLoader: Lightning saves its position (sampler state, batches yielded) in checkpoints,
         # so a resumed run continues with the very batches an unbroken run would have seen.
-        if sampler is not None:
-            return StatefulDataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                                      persistent_workers=self.num_workers > 0)
-        return self._loader(ds, True, self.batch_size, collate)
+        return StatefulDataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                                  persistent_workers=self.num_workers > 0)
 
-    def _loader(self, ds: datasets.Dataset, shuffle: bool, batch_size: int, collate: Any) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return StatefulDataLoader(
-            ds.with_format(None), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-            num_workers=self.num_workers, generator=generator, persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, ds: datasets.Dataset, batch_size: int, collate: Any) -> DataLoader:
+        """Evaluation and prediction batches, in the dataset's order."""
+        return StatefulDataLoader(ds.with_format(None), batch_size=batch_size, collate_fn=collate,
+                                  num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(
-            self.tokenized["validation"], False, self.eval_batch_size, self._pad_collator()
+            self.tokenized["validation"], self.eval_batch_size, self._pad_collator()
         )
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.tokenized:
             raise DataError(f"data.test_path: task {self.task!r} has no test split here; set data.test_path")
-        return self._loader(self.tokenized["test"], False, self.eval_batch_size, self._pad_collator())
+        return self._loader(self.tokenized["test"], self.eval_batch_size, self._pad_collator())
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(
-            self.prompts("predict"), False, self.eval_batch_size, PromptCollator(self.tokenizer.pad_token_id)
+            self.prompts("predict"), self.eval_batch_size, PromptCollator(self.tokenizer.pad_token_id)
         )
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
@@ -330,14 +325,11 @@ class NLGDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------------ statistics
     def statistics(self, sampler: Optional[RecordBatchSampler] = None) -> dict[str, float]:
-        """Records, tokens, supervised tokens, truncation and the padding of the first epoch's batches."""
+        """Records, tokens, supervised tokens, truncation and the padding of the first epoch's batches
+        (`sampler`: the training sampler, made here when not given)."""
         ds = self.tokenized["train"]
         lengths = column(ds, "length")
-        if sampler is not None:
-            batches = sampler.global_plan(0)
-        else:  # the plain loader's first epoch: torchdata's RandomSampler draws randperm from the seeded generator
-            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(self.seed)).numpy()
-            batches = cut_batches(order, lengths, self.batch_size, None, self.packing)
+        batches = (sampler or self.train_sampler()).global_plan(0)
         slots = sum(len(b) * padded_length(int(lengths[b].max()), self.pad_to_multiple_of) for b in batches)
         tokens = int(lengths.sum())
         return {
@@ -351,7 +343,7 @@ class NLGDataModule(LightningDataModule):
             "data/batches_per_epoch": len(batches),
         }
 
-    def _log_statistics(self, sampler: Optional[RecordBatchSampler]) -> None:
+    def _log_statistics(self, sampler: RecordBatchSampler) -> None:
         trainer = self.trainer
         if self._stats_logged or trainer is None or trainer.state.fn != "fit":
             return

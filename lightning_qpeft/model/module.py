@@ -37,7 +37,7 @@ from torchmetrics import MeanMetric
 
 from lightning_qpeft.callbacks.numerics import all_finite
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
-from lightning_qpeft.distributed import fsdp_param_dtype
+from lightning_qpeft.distributed import fsdp_param_dtype, global_token_mean
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import (
     AdapterConfig,
@@ -363,8 +363,11 @@ class QPeftModule(LightningModule):
         return linear_cross_entropy(hidden, causal_lm.get_output_embeddings(), targets, self.loss_impl)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss, n = self._step(batch)
+        logged = loss
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            loss, logged = global_token_mean(loss, n, self.trainer.world_size)
+        self.log("train/loss", logged, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

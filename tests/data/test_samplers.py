@@ -48,6 +48,22 @@ def test_token_budget_fills_batches_without_exceeding_it(packed):
     assert sorted(i for b in plan for i in b) == list(range(len(LENGTHS)))
 
 
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("world", [2, 4])
+def test_n_ranks_of_b_records_take_the_records_of_one_process_of_n_times_b(world, group):
+    # what lets a DDP run with micro-batch B train as one GPU with N x B (the loss is the global token mean)
+    one = RecordBatchSampler(batch_size=8 * world, lengths=LENGTHS, group_by_length=group, seed=7).plan(0)
+    ranks = [RecordBatchSampler(batch_size=8, lengths=LENGTHS, group_by_length=group, seed=7, num_replicas=world,
+                                rank=r).plan(0) for r in range(world)]
+    assert len(one) == len(ranks[0])
+    full = [k for k in range(len(one)) if len(one[k]) == 8 * world]  # the epoch's partial step is padded
+    assert len(full) == len(one) - 1
+    for k in full:
+        assert sorted(i for p in ranks for i in p[k]) == sorted(one[k]), k
+    other = RecordBatchSampler(batch_size=8 * world, lengths=LENGTHS, group_by_length=group, seed=8).plan(0)
+    assert sorted(other[0]) != sorted(one[0])
+
+
 def test_ranks_split_each_step_and_run_the_same_number_of_steps():
     lengths = LENGTHS[:997]  # not a multiple of world x batch
     ranks = [RecordBatchSampler(batch_size=8, lengths=lengths, group_by_length=True, num_replicas=3, rank=r)
