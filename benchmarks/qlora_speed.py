@@ -54,8 +54,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "llama2-7b" / "qlora-alpaca.yaml"
-# configs/llama2-7b/qlora-alpaca.yaml compiles whole decoder layers, pads to multiples of 16, groups by length and
-# steps torch's multi-tensor AdamW (what measured fastest); the presets say every speed switch explicitly, so each
+# configs/llama2-7b/qlora-alpaca.yaml compiles whole decoder layers with the 4-bit dequantization traced into
+# them, pads to multiples of 16, groups by length and steps torch's multi-tensor AdamW (what measured fastest); the presets say every speed switch explicitly, so each
 # keeps meaning what it measured when the config's defaults move.
 EAGER = ["--model.compile", "false", "--data.pad_to_multiple_of", "null", "--data.group_by_length", "false"]
 RANDOM_ORDER = ["--data.group_by_length", "false"]
@@ -85,7 +85,8 @@ PRESETS: dict[str, list[str]] = {
     # gradient clipping with an optimizer that unscales internally (RESULTS.md, calls E and F)
     "adamw": [*LAYER64, "--model.optimizer", ADAMW],
     "adamw16": [*LAYER64, "--model.optimizer", ADAMW, "--data.pad_to_multiple_of", "16"],  # the config from call K
-    # bitsandbytes' dequantization traced into the layer graphs as torch ops (no Python dispatch per weight)
+    # bitsandbytes' dequantization traced into the layer graphs as torch ops (no Python dispatch per weight): the
+    # config from call N
     "traced16": [*LAYER64, "--model.optimizer", ADAMW, "--data.pad_to_multiple_of", "16",
                  "--model.compile_dequantize", "true"],
 }
