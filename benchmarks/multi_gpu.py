@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,8 @@ def main() -> None:
             rc, log = 124, (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
         (out / "runs.log").open("a").write(f"\n===== {run} rc={rc} ({time.time() - t0:.0f} s)\n{log}")
         perf = sorted(root.rglob("perf.json"))
+        for snap in sorted(root.rglob("setup_memory_rank0.pickle"))[-1:]:  # --extra '--efficiency.record_setup_memory true'
+            shutil.copyfile(snap, out / f"{run.replace(':', '-')}-setup_memory_rank0.pickle")
         row = {"run": run, "gpus": int(n), "rc": rc, "wall_s": round(time.time() - t0)}
         if rc == 0 and perf:
             row.update(json.loads(perf[-1].read_text()))

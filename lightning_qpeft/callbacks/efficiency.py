@@ -9,6 +9,9 @@ Config keys (`efficiency.*`, a top-level section of the CLI config; on by defaul
     filename:      the end-of-fit summary, written atomically beside the logs (`<log_dir>/perf.json`)
     profile_steps: profile this many optimizer steps after the warm-up (torch.profiler; they are not measured)
                    and write where the GPU time goes to `<log_dir>/profile.txt` (`utils/profiling.py`)
+    record_setup_memory: CUDA: record every allocation from the start of fit (loading, adapter, DDP/FSDP
+                   wrapping) to the first step and write `<log_dir>/setup_memory_rank<R>.pickle` (open it at
+                   https://pytorch.org/memory_viz): where a set-up peak comes from
 
 Logged every window, to every logger (TensorBoard by default), at the window's last step:
     perf/tokens_per_s             real (non-pad) tokens: attention_mask.sum(), or input_ids.numel() for
@@ -100,6 +103,7 @@ class EfficiencyMonitor(Callback):
         peak_flops: peak FLOP/s of one device for MFU; default: our table (None on a CPU: no MFU).
         filename: name of the end-of-fit summary in the log folder (JSON); None: no file.
         profile_steps: optimizer steps to profile between the warm-up and the measurement (0: none).
+        record_setup_memory: CUDA allocation history of the set-up, written at the first step (see above).
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class EfficiencyMonitor(Callback):
         peak_flops: Optional[float] = None,
         filename: Optional[str] = "perf.json",
         profile_steps: int = 0,
+        record_setup_memory: bool = False,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"efficiency.warmup_steps: {warmup_steps}; use 0 or more")
@@ -127,6 +132,8 @@ class EfficiencyMonitor(Callback):
         self.peak_flops_override = peak_flops
         self.filename = filename
         self.profile_steps = profile_steps
+        self.record_setup_memory = record_setup_memory
+        self.recording = False
         self.profiler: Optional[StepProfiler] = None
         self.profile: Optional[dict[str, Any]] = None
         self.summary: Optional[dict[str, Any]] = None
@@ -145,6 +152,24 @@ class EfficiencyMonitor(Callback):
         self.device = trainer.strategy.root_device
         if self.device.type == "cuda":  # peaks of this fit, the model's weights included (loaded after setup)
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.record_setup_memory:
+            if self.device.type == "cuda":
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                self.recording = True
+            else:
+                rank_zero_warn("efficiency.record_setup_memory: CUDA only; nothing is recorded on "
+                               f"{self.device.type}")
+
+    def _write_setup_memory(self, trainer: Trainer) -> None:
+        import pickle
+
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.recording = False
+        path = Path(trainer.log_dir or trainer.default_root_dir) / f"setup_memory_rank{trainer.global_rank}.pickle"
+        with atomic_file(path, "wb") as f:
+            pickle.dump(snapshot, f)
+        rank_zero_info(f"efficiency: set-up memory history in {path} (https://pytorch.org/memory_viz)")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled:
@@ -166,6 +191,8 @@ class EfficiencyMonitor(Callback):
         self.resident_at_start = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         # the peak of loading and wrapping alone (rank 0's): tells a set-up peak from a training one
         self.peak_at_start = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        if self.recording:
+            self._write_setup_memory(trainer)
         self.first_step = trainer.global_step  # a resumed fit starts at its checkpoint's step
         self.first_epoch = trainer.current_epoch
         self.start_step = None

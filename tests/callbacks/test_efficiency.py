@@ -127,3 +127,35 @@ def test_ddp_window_sums_tokens_over_ranks_and_takes_the_slowest_clock():
     assert m["perf/step_time"] == pytest.approx(0.5)
     assert m["perf/peak_memory_gib"] == pytest.approx(5.0)  # the larger of the two ranks
     assert monitor.totals["tokens"] == 400 and monitor.window_counts.sum() == 0
+
+
+def test_setup_memory_history_is_recorded_from_setup_to_the_first_step(tmp_path, monkeypatch):
+    # CUDA's recorder mocked (no GPU here): what matters is when it starts and stops, and the file it leaves
+    import pickle
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: {"segments": ["seen"]})
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), log_dir=str(tmp_path),
+                              default_root_dir=str(tmp_path), global_rank=1)
+    cb = EfficiencyMonitor(record_setup_memory=True)
+    cb.setup(trainer, None, "fit")
+    assert cb.recording and calls == [{"max_entries": 1_000_000}]
+    cb._write_setup_memory(trainer)
+    assert not cb.recording and calls[-1] == {"enabled": None}
+    assert pickle.loads((tmp_path / "setup_memory_rank1.pickle").read_bytes()) == {"segments": ["seen"]}
+    off = EfficiencyMonitor()
+    off.setup(trainer, None, "fit")
+    assert not off.recording and len(calls) == 2
+
+
+def test_setup_memory_history_warns_on_a_cpu():
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    cb = EfficiencyMonitor(record_setup_memory=True)
+    with pytest.warns(UserWarning, match="efficiency.record_setup_memory: CUDA only"):
+        cb.setup(trainer, None, "fit")
+    assert not cb.recording
