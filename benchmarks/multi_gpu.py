@@ -35,7 +35,8 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0", "--adapter_export.enabled", "false"]
 PAGED = "{class_path: bitsandbytes.optim.PagedAdamW32bit, init_args: {lr: 0.0002, weight_decay: 0.0}}"
-SHAPES = {"ddp": ("random:llama-2-7b", 8), "ddpc": ("random:llama-2-7b", 8), "fsdp": ("random:llama-2-7b", 8), "fsdp70b": ("random:llama-2-70b", 4)}
+SHAPES = {"ddp": ("random:llama-2-7b", 8), "ddpc": ("random:llama-2-7b", 8), "fsdp": ("random:llama-2-7b", 8),
+          "fsdp70b": ("random:llama-2-70b", 4)}
 
 
 def command(name: str, devices: int, tokenizer: str, root: Path, steps: int) -> list[str]:
@@ -45,8 +46,9 @@ def command(name: str, devices: int, tokenizer: str, root: Path, steps: int) -> 
     if strategy == "ddp" and devices == 1:
         strategy = "auto"
     # eager and with paged AdamW, as the first tables in RESULTS.md were measured; `ddpc` keeps the config's
-    # compiled layers and torch AdamW
-    pinned = [] if kind == "ddpc" else ["--model.compile", "false", "--model.optimizer", PAGED]
+    # compiled layers and torch AdamW, without the traced dequantization (as calls L and M measured it)
+    pinned = (["--model.compile_dequantize", "false"] if kind == "ddpc" else
+              ["--model.compile", "false", "--model.compile_dequantize", "false", "--model.optimizer", PAGED])
     return [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG), *QUIET,
             "--model.base_model", base, "--model.tokenizer", tokenizer,
             *pinned,
@@ -85,7 +87,8 @@ def main() -> None:
             rc, log = 124, (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
         (out / "runs.log").open("a").write(f"\n===== {run} rc={rc} ({time.time() - t0:.0f} s)\n{log}")
         perf = sorted(root.rglob("perf.json"))
-        for snap in sorted(root.rglob("setup_memory_rank0.pickle"))[-1:]:  # --extra '--efficiency.record_setup_memory true'
+        # --extra '--efficiency.record_setup_memory true': rank 0's set-up allocation history
+        for snap in sorted(root.rglob("setup_memory_rank0.pickle"))[-1:]:
             shutil.copyfile(snap, out / f"{run.replace(':', '-')}-setup_memory_rank0.pickle")
         row = {"run": run, "gpus": int(n), "rc": rc, "wall_s": round(time.time() - t0)}
         if rc == 0 and perf:

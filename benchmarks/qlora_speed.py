@@ -55,8 +55,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "llama2-7b" / "qlora-alpaca.yaml"
 # configs/llama2-7b/qlora-alpaca.yaml compiles whole decoder layers with the 4-bit dequantization traced into
-# them, pads to multiples of 16, groups by length and steps torch's multi-tensor AdamW (what measured fastest); the presets say every speed switch explicitly, so each
-# keeps meaning what it measured when the config's defaults move.
+# them, pads to multiples of 16, groups by length and steps torch's multi-tensor AdamW (what measured fastest);
+# the presets say every speed switch explicitly, so each keeps meaning what it measured when the config's
+# defaults move.
 EAGER = ["--model.compile", "false", "--data.pad_to_multiple_of", "null", "--data.group_by_length", "false"]
 RANDOM_ORDER = ["--data.group_by_length", "false"]
 BLOCKS = ["--model.compile", "true", "--model.compile_scope", "attention_mlp"]  # two graphs a layer
