@@ -65,6 +65,69 @@ def test_ddp_trains_as_one_process_with_the_global_batch(tiny_model_dir, tmp_pat
     assert one[-1] < one[0] - 0.5  # it trained
 
 
+@pytest.mark.parametrize("dropout", ["0.0", "0.1"])
+def test_ddp_resume_from_a_checkpoint_ends_as_the_unbroken_run(tiny_model_dir, tmp_path, dropout):
+    # rank 0 writes the adapter-only checkpoint; every rank restores weights, optimizer, scheduler, its place in
+    # its own share of the data and (with dropout) its own RNG streams
+    def run(name, *extra):
+        root = tmp_path / name
+        cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+               "--model.base_model", tiny_model_dir, "--model.adapter.init_args.lora_dropout", dropout,
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+               "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+               "--trainer.enable_progress_bar", "false", "--adapter_export.enabled", "false",
+               "--trainer.default_root_dir", str(root), "--data.max_train_records", "400", "--data.batch_size", "4",
+               "--trainer.callbacks=[]",
+               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+               f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=6",
+               "--trainer.callbacks.save_top_k=-1",
+               "--trainer.callbacks+=tests.distributed_helpers.DumpTrainableTensors",
+               f"--trainer.callbacks.dirpath={root / 'dump'}", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses = dict(scalars(root / "lightning_logs" / "version_0")["train/loss"])
+        return losses, [load_file(str(root / "dump" / f"rank{r}.safetensors")) for r in (0, 1)]
+
+    unbroken_losses, unbroken = run("unbroken")
+    middle = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
+    assert middle.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    resumed_losses, resumed = run("resumed", "--ckpt_path", str(middle))
+    assert sorted(resumed_losses) == list(range(6, 12))
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(unbroken_losses[step], rel=1e-5, abs=1e-6), step
+    for rank in (0, 1):
+        for name in unbroken[rank]:
+            torch.testing.assert_close(resumed[rank][name], unbroken[rank][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resuming_on_another_number_of_ranks_says_the_dropout_masks_will_differ(tiny_model_dir):
+    from unittest.mock import MagicMock
+
+    from peft import LoraConfig
+
+    from lightning_qpeft.checkpointing import rng_states
+    from lightning_qpeft.model.adapters import adapter_to_dict
+    from lightning_qpeft.model.module import QPeftModule
+
+    module = QPeftModule(tiny_model_dir, quantization="nf4-dq",
+                         adapter=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    module.configure_model()
+    meta = {"base_model": module.base_model, "quantization": module.quantization,
+            "adapter": adapter_to_dict(module.adapter), "tensors": module.trainable_names()}
+    states = [rng_states(), {**rng_states(), "python": (3, (7,) * 625, None)}]
+    trainer = MagicMock(world_size=2, global_rank=1)
+    module._trainer = trainer
+    module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
+    assert module._rng_to_restore is states[1]  # this rank's own generators
+    trainer.world_size, trainer.global_rank = 4, 0
+    with pytest.warns(UserWarning, match="saved by 2 process\\(es\\), resumed by 4"):
+        module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
+    assert module._rng_to_restore is states[0]
+    trainer.world_size = 1
+    module.on_load_checkpoint({"qpeft": meta, "rng": states[0]})  # one process saved, one resumes: silent
+    assert module._rng_to_restore is states[0]
+
+
 def test_int8_under_fsdp_is_refused(tiny_model_dir):
     from unittest.mock import MagicMock
 

@@ -495,6 +495,12 @@ class QPeftModule(LightningModule):
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
         checkpoint["state_dict"] = state
         checkpoint["rng"] = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank draws its own dropout masks, so every rank's generators are kept (Lightning builds the
+            # checkpoint on all ranks and writes it on rank 0: all ranks are here)
+            per_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, checkpoint["rng"])
+            checkpoint["rng_per_rank"] = per_rank
         checkpoint["qpeft"] = {
             "base_model": self.base_model,
             "quantization": self.quantization,
@@ -523,3 +529,10 @@ class QPeftModule(LightningModule):
         # applied when training starts again: restoring here, before the loops are set up, would let what
         # runs in between (sanity checks, validation) draw from them
         self._rng_to_restore = checkpoint.get("rng")
+        per_rank = checkpoint.get("rng_per_rank")
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        if per_rank is not None and len(per_rank) == world:
+            self._rng_to_restore = per_rank[rank]
+        elif world > 1 or per_rank is not None:
+            rank_zero_warn(f"ckpt_path: saved by {len(per_rank or [None])} process(es), resumed by {world}: the "
+                           "random generators (dropout masks) continue from rank 0's, not as an unbroken run's")
