@@ -91,7 +91,8 @@ def test_resume_from_a_checkpoint_ends_as_the_unbroken_run(tiny_model_dir, tmp_p
         root = tmp_path / name
         cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
                "--model.base_model", tiny_model_dir, "--model.adapter.init_args.lora_dropout", dropout, *where,
-               "--trainer.devices", "2", "--trainer.strategy", strategy, "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+               "--trainer.devices", "2", "--trainer.strategy", strategy, "--trainer.max_steps", "12",
+               "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
                "--trainer.enable_progress_bar", "false", "--adapter_export.enabled", "false",
                "--trainer.default_root_dir", str(root), "--data.max_train_records", "400", "--data.batch_size", "4",
                "--trainer.callbacks=[]",
