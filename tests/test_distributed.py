@@ -83,10 +83,12 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tiny_model_dir, tm
 
 
 @pytest.mark.parametrize("strategy,where,rel", WHERE)
-@pytest.mark.parametrize("dropout", ["0.0", "0.1"])
-def test_resume_from_a_checkpoint_ends_as_the_unbroken_run(tiny_model_dir, tmp_path, dropout, strategy, where, rel):
+def test_resume_from_a_checkpoint_ends_as_the_unbroken_run(tiny_model_dir, tmp_path, strategy, where, rel):
     # rank 0 writes the adapter-only checkpoint (under FSDP gathered from the shards); every rank restores
-    # weights, optimizer, scheduler, its place in its own share of the data and (with dropout) its own RNG streams
+    # weights, optimizer, scheduler, its place in its own share of the data and its own RNG streams (LoRA dropout
+    # on: each rank draws its own masks; with every rank restoring rank 0's generators, measured on the CPU, the
+    # first resumed step's loss was 6.6257 against the unbroken 6.6266)
+    dropout = "0.1"
     def run(name, *extra):
         root = tmp_path / name
         cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
