@@ -37,16 +37,9 @@ def layout_stats(dm, **settings) -> dict:
     sampler = dm.train_sampler()
     stats = dm.statistics(sampler)
     from lightning_qpeft.data.datamodule import column
-    from lightning_qpeft.data.samplers import cut_batches
 
     lengths = column(dm.tokenized["train"], "length")
-    if sampler is not None:
-        batches = sampler.global_plan(0)
-    else:
-        import torch
-
-        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(dm.seed)).numpy()
-        batches = cut_batches(order, lengths, dm.batch_size, None, dm.packing)
+    batches = sampler.global_plan(0)
     row_tokens = [int(lengths[b].sum()) if dm.packing else len(b) * int(lengths[b].max()) for b in batches]
     return {
         "padding_fraction": round(stats["data/padding_fraction"], 4),

@@ -12,7 +12,8 @@ per GPU), bf16-mixed. The efficiency callback's perf.json gives global and per-G
 (max over ranks, loading included) and what stays resident once the model is set up (the FSDP shard).
 
 Run names: `ddp:N` / `fsdp:N` on Llama-2-7B (eager, paged AdamW: how the first tables were measured), `ddpc:N`
-on Llama-2-7B as the config trains it (compiled decoder layers, torch AdamW), `fsdp70b:N` on Llama-2-70B
+on Llama-2-7B as the config of call K trains it (compiled decoder layers, torch AdamW; without the traced
+dequantization the config now adds), `fsdp70b:N` on Llama-2-70B
 (micro-batch 4 x 512). The table is
 printed last: tokens/s, per GPU, scaling vs the 1-GPU run, resident and peak GiB per GPU.
 """
@@ -101,7 +102,7 @@ def main() -> None:
         results.append(row)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     base = {r["run"].split(":")[0]: r for r in results if r.get("gpus") == 1 and "tokens_per_s" in r}
-    base["fsdp"] = base.get("ddp")
+    base.setdefault("fsdp", base.get("ddp"))
     print("\n| run | GPUs | tokens/s (global) | tokens/s per GPU | per GPU vs 1 GPU | resident GiB/GPU | peak GiB/GPU | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

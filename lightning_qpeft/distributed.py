@@ -62,7 +62,7 @@ def global_token_mean(loss: torch.Tensor, n: torch.Tensor, world_size: int) -> t
     totals = torch.stack([n.float(), loss.detach().float() * n])
     torch.distributed.all_reduce(totals)
     n_all = totals[0].clamp(min=1)
-    return loss * (n * world_size / n_all).to(loss.dtype), totals[1] / n_all
+    return loss.float() * (n * world_size / n_all), totals[1] / n_all
 
 
 class QPeftDDPStrategy(DDPStrategy):

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # compiled: Dynamo traces the layers inside DDP and the checkpoints (the eager backend: no C++ build on the CPU);
-# configs/llama2-7b compiles whole decoder layers by default and must run under --trainer.strategy ddp unchanged
+# configs/llama2-7b compiles whole decoder layers by default and must run under --trainer.strategy ddp unchanged.
+# Its compile_dequantize is set too (registered for inductor, which the eager backend does not run: on a GPU,
+# DDP with the traced dequantization is not measured yet)
 COMPILED = ["--model.compile", "true", "--model.compile_scope", "decoder_layer", "--model.compile_options",
-            "{backend: eager}"]
+            "{backend: eager}", "--model.compile_dequantize", "true"]
 
 
 @pytest.mark.parametrize("extra", [[], COMPILED], ids=["eager", "compiled"])
@@ -87,12 +90,12 @@ def test_resume_from_a_checkpoint_ends_as_the_unbroken_run(tiny_model_dir, tmp_p
     # rank 0 writes the adapter-only checkpoint (under FSDP gathered from the shards); every rank restores
     # weights, optimizer, scheduler, its place in its own share of the data and its own RNG streams (LoRA dropout
     # on: each rank draws its own masks; with every rank restoring rank 0's generators, measured on the CPU, the
-    # first resumed step's loss was 6.6257 against the unbroken 6.6266)
-    dropout = "0.1"
+    # first resumed step's loss was 6.6257 against the unbroken 6.6266: 1.4e-4 relative, under the GPU cases'
+    # loss tolerance, so there the adapters' comparison is what catches it)
     def run(name, *extra):
         root = tmp_path / name
         cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
-               "--model.base_model", tiny_model_dir, "--model.adapter.init_args.lora_dropout", dropout, *where,
+               "--model.base_model", tiny_model_dir, "--model.adapter.init_args.lora_dropout", "0.1", *where,
                "--trainer.devices", "2", "--trainer.strategy", strategy, "--trainer.max_steps", "12",
                "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
                "--trainer.enable_progress_bar", "false", "--adapter_export.enabled", "false",
@@ -136,6 +139,7 @@ def test_resuming_on_another_number_of_ranks_says_the_dropout_masks_will_differ(
             "adapter": adapter_to_dict(module.adapter), "tensors": module.trainable_names()}
     states = [rng_states(), {**rng_states(), "python": (3, (7,) * 625, None)}]
     trainer = MagicMock(world_size=2, global_rank=1)
+    trainer.state.fn = "fit"
     module._trainer = trainer
     module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
     assert module._rng_to_restore is states[1]  # this rank's own generators
@@ -143,8 +147,12 @@ def test_resuming_on_another_number_of_ranks_says_the_dropout_masks_will_differ(
     with pytest.warns(UserWarning, match="saved by 2 process\\(es\\), resumed by 4"):
         module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
     assert module._rng_to_restore is states[0]
-    trainer.world_size = 1
-    module.on_load_checkpoint({"qpeft": meta, "rng": states[0]})  # one process saved, one resumes: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.state.fn = "validate"  # no dropout to reproduce: silent
+        module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
+        trainer.state.fn, trainer.world_size = "fit", 1
+        module.on_load_checkpoint({"qpeft": meta, "rng": states[0]})  # one process saved, one resumes: silent
     assert module._rng_to_restore is states[0]
 
 
@@ -208,8 +216,8 @@ def test_ddp_names_are_ours_and_build_ddp_on_the_current_stream():
     assert StrategyRegistry["ddp"]["strategy"] is QPeftDDPStrategy
     entry = StrategyRegistry["ddp_find_unused_parameters_true"]
     assert entry["strategy"] is QPeftDDPStrategy and entry["init_params"]["find_unused_parameters"] is True
-    # Lightning's own strategy enters a side stream around DDP's construction (measured on 2 H200s: -5.9 %
-    # tokens/s, RESULTS.md call O); ours must not
+    # Lightning's own strategy enters a side stream around DDP's construction (measured on 2 H200s: ours +5.9 %
+    # tokens/s against it, RESULTS.md call O); ours must not
     for cls, side_stream in ((DDPStrategy, True), (QPeftDDPStrategy, False)):
         strategy = cls()
         strategy.determine_ddp_device_ids = lambda: [0]

@@ -8,7 +8,8 @@ Config keys (`data.*`):
 
 `RecordBatchSampler` is always the training loader's `batch_sampler`. Its order is a pure function of
 (seed, epoch): each epoch is planned whole, then cut into this rank's batches, so N ranks with `batch_size`
-B (no token budget) see at each step the records one process with N x B sees, grouped by length or not.
+B (no token budget) see at each step the records one process with N x B sees, grouped by length or not (but at
+an epoch's last, partial step, which the ranks pad with the epoch's first batches).
 
 - Length grouping follows transformers' `get_length_grouped_indices`: a seeded permutation, cut into
   megabatches of 50 global batches, each sorted by length. Unlike transformers, the megabatch holding the

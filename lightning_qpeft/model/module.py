@@ -490,17 +490,21 @@ class QPeftModule(LightningModule):
         names = set(self.trainable_names())
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         floats = {k: v for k, v in state.items() if v.is_floating_point()}
+        bad: list[str] = []
         if not bool(all_finite(list(floats.values()))):  # never replace a good checkpoint with a poisoned one
             bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
-            raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
-        checkpoint["state_dict"] = state
         checkpoint["rng"] = rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank draws its own dropout masks, so every rank's generators are kept (Lightning builds the
-            # checkpoint on all ranks and writes it on rank 0: all ranks are here)
+            # Lightning builds the checkpoint on all ranks (it writes it on rank 0), so all ranks are here. Every
+            # rank draws its own dropout masks: every rank's generators are kept. The verdict on the tensors is
+            # shared too (under FSDP only rank 0 holds them): all ranks refuse together, none waits for the others
             per_rank: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(per_rank, checkpoint["rng"])
-            checkpoint["rng_per_rank"] = per_rank
+            torch.distributed.all_gather_object(per_rank, (checkpoint["rng"], bad))
+            checkpoint["rng_per_rank"] = [rng for rng, _ in per_rank]
+            bad = sorted({k for _, rank_bad in per_rank for k in rank_bad})
+        if bad:
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite tensors: {bad[:3]}")
+        checkpoint["state_dict"] = state
         checkpoint["qpeft"] = {
             "base_model": self.base_model,
             "quantization": self.quantization,
@@ -533,6 +537,6 @@ class QPeftModule(LightningModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
         if per_rank is not None and len(per_rank) == world:
             self._rng_to_restore = per_rank[rank]
-        elif world > 1 or per_rank is not None:
+        elif (world > 1 or per_rank is not None) and self._fitting():
             rank_zero_warn(f"ckpt_path: saved by {len(per_rank or [None])} process(es), resumed by {world}: the "
                            "random generators (dropout masks) continue from rank 0's, not as an unbroken run's")

@@ -129,8 +129,9 @@ def test_ddp_window_sums_tokens_over_ranks_and_takes_the_slowest_clock():
     assert monitor.totals["tokens"] == 400 and monitor.window_counts.sum() == 0
 
 
-def test_setup_memory_history_is_recorded_from_setup_to_the_first_step(tmp_path, monkeypatch):
-    # CUDA's recorder mocked (no GPU here): what matters is when it starts and stops, and the file it leaves
+def test_setup_memory_history_starts_at_setup_and_is_written_and_stopped(tmp_path, monkeypatch):
+    # CUDA's recorder mocked (no GPU here): it starts in setup and `_write_setup_memory` (which on_train_start
+    # calls on CUDA once it has read the set-up peaks; on_train_start itself needs a GPU) stops it and leaves the file
     import pickle
     from types import SimpleNamespace
 
