@@ -154,7 +154,8 @@ class EfficiencyMonitor(Callback):
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.record_setup_memory:
             if self.device.type == "cuda":
-                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                # Python stacks: what finding the set-up peak needs (C++ frames cost more to record and symbolise)
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
                 self.recording = True
             else:
                 rank_zero_warn("efficiency.record_setup_memory: CUDA only; nothing is recorded on "

@@ -119,11 +119,16 @@ def load_base_model(
     device: Optional[torch.device | str] = None,
     attn_implementation: Optional[str] = "sdpa",
     trust_remote_code: bool = False,
+    quantize_device: Optional[torch.device | str] = None,
 ) -> PreTrainedModel:
     """The base causal LM, quantized as `quantization` says, on one device (this rank's).
 
     `device_map={"": device}` puts every weight on this rank's device: `"auto"` would spread one model over
     all GPUs and run them one at a time, which is not data parallelism.
+
+    `quantize_device` (random shapes only): where each tensor is drawn and quantized before it moves to
+    `device` (under FSDP: quantized on the GPU, kept on the CPU). A checkpoint loaded onto the CPU is quantized
+    there by bitsandbytes' CPU backend (transformers quantizes each weight on the device it loads it to).
     """
     path = resolve_base_model(name_or_path)
     mode = get_quant_mode(quantization)
@@ -135,7 +140,7 @@ def load_base_model(
     if is_random(path):
         dt = torch.bfloat16 if torch_dtype == "auto" else torch_dtype
         model = build_random_model(path, bnb_config(mode, compute_dtype, quant_storage), dt, device,
-                                   attn_implementation)
+                                   attn_implementation, quantize_device=quantize_device)
         model.config.use_cache = False
         return model
     check_causal_lm(path, trust_remote_code)

@@ -37,7 +37,7 @@ from torchmetrics import MeanMetric
 
 from lightning_qpeft.callbacks.numerics import all_finite
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
-from lightning_qpeft.distributed import fsdp_param_dtype, global_token_mean
+from lightning_qpeft.distributed import check_flattenable, fsdp_param_dtype, global_token_mean
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import (
     AdapterConfig,
@@ -128,6 +128,11 @@ class QPeftModule(LightningModule):
         generation: decoding settings for predict and generation metrics.
         attn_implementation: transformers attention backend (sdpa, eager, flash_attention_2).
         trust_remote_code: allow the model folder's own Python code to run (off: it would run on load).
+        fsdp_load_on: under trainer.strategy=fsdp, where each rank builds its quantized base before FSDP shards
+            it: cpu (FSDP then moves one unit at a time to the GPU: the GPU never holds the whole base; costs the
+            4-bit base in CPU memory on every rank, and a checkpoint is quantized by bitsandbytes on the CPU,
+            slower than on the GPU; random:<shape> bases are still quantized on the GPU) or device (on the GPU,
+            as under DDP: the whole base must fit one GPU).
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class QPeftModule(LightningModule):
         generation: Optional[Generation] = None,
         attn_implementation: Optional[str] = "sdpa",
         trust_remote_code: bool = False,
+        fsdp_load_on: str = "cpu",
     ) -> None:
         super().__init__()
         # Refuse bad values now, before any weight is loaded.
@@ -196,6 +202,9 @@ class QPeftModule(LightningModule):
         self.generation = generation or Generation()
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        if fsdp_load_on not in ("cpu", "device"):
+            raise ValueError(f"model.fsdp_load_on: {fsdp_load_on!r}; choose cpu or device")
+        self.fsdp_load_on = fsdp_load_on
         # Plain data only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -228,21 +237,27 @@ class QPeftModule(LightningModule):
         if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None and self._fitting():
             # AdaLoRA's rank schedule is laid out over the run's optimizer steps, which only the trainer knows
             self.adapter = with_total_steps(self.adapter, self._total_steps(f"model.adapter={self.method}"))
+        # under FSDP (fsdp_load_on: cpu) the base waits in CPU memory: FSDP moves each unit to `device` as it
+        # wraps and shards it, so the GPU holds the shards and one unit, never the whole base
+        on_cpu = self._under_fsdp() and self.fsdp_load_on == "cpu" and device.type != "cpu"
         base = load_base_model(
             self.base_model,
             quantization=self.quantization,
             compute_dtype=self.compute_dtype,
             dtype=self.dtype_name,
             quant_storage=quant_storage,
-            device=device,
+            device=torch.device("cpu") if on_cpu else device,
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
+            quantize_device=device,
         )
         self._warn_fp16_with_4bit()
         base = prepare_base(base, self.gradient_checkpointing, upcast_norms, self.upcast_embeddings)
         path = resolve_base_model(self.base_model)
         base_path = path if Path(path).is_dir() else None  # LoftQ reads the unquantized weights from here
         self.model = attach_adapter(base, self.adapter, self.adapter_path, base_path=base_path)
+        if self._under_fsdp():
+            check_flattenable(self.model, self.method)
         self.loss_impl = resolve_loss(self.loss, device)
         if self.loss_impl != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
@@ -417,13 +432,15 @@ class QPeftModule(LightningModule):
     # ----------------------------------------------------------------------------------- hooks
     def on_train_start(self) -> None:
         # from_pretrained returns eval mode, and Lightning keeps modules' modes: without this, dropout and
-        # gradient checkpointing would silently be off during training
+        # gradient checkpointing would silently be off during training (on_fit_start sets it too, before
+        # Lightning's check for modules left in eval mode; the sanity validation restores it)
         self.model.train()
         if self._rng_to_restore is not None:  # resumed: draw the dropout masks an unbroken run draws
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
     def on_fit_start(self) -> None:
+        self.model.train()
         trainable, total = self.parameter_counts()
         if self.logger is not None:
             self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)

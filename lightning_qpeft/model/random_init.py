@@ -7,6 +7,11 @@ does (`replace_with_bnb_linear`), and fills them layer by layer with random bf16
 quantizes on the device. Peak extra memory is one bf16 layer. Every rank draws the same weights (a fixed
 seed per tensor), as if all had loaded one checkpoint.
 
+`quantize_device` draws and quantizes each tensor on one device and keeps the result on another: under FSDP
+the model is drawn and quantized on the GPU a tensor at a time and kept in CPU memory, so FSDP can move it to
+the GPU one unit at a time (the GPU never holds the whole model). The values are those of a build on
+`quantize_device` (CUDA and CPU generators draw different numbers).
+
 A random model has no tokenizer: give one with `model.tokenizer` (the data only needs token ids).
 """
 
@@ -61,27 +66,32 @@ def build_random_model(
     dtype: torch.dtype,
     device: torch.device,
     attn_implementation: Optional[str] = "sdpa",
+    quantize_device: Optional[torch.device] = None,
 ) -> PreTrainedModel:
-    """A model of the named shape with random weights, quantized per `bnb`, on `device`."""
+    """A model of the named shape with random weights, quantized per `bnb`, on `device`; drawn and quantized on
+    `quantize_device` (default `device`), a tensor at a time."""
     import bitsandbytes as bnb_lib
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     config = random_config(name)
     config._attn_implementation = attn_implementation
     std = config.initializer_range
+    draw_on = torch.device(quantize_device if quantize_device is not None else device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if bnb is not None:
         replace_with_bnb_linear(model, modules_to_not_convert=["lm_head"], quantization_config=bnb)
     for mod_name, module in model.named_modules():
         if isinstance(module, bnb_lib.nn.Linear4bit):
-            w = _normal_(torch.empty(module.out_features, module.in_features, dtype=dtype, device=device),
+            w = _normal_(torch.empty(module.out_features, module.in_features, dtype=dtype, device=draw_on),
                          mod_name, std)
-            module.weight = bnb_lib.nn.Params4bit(
+            weight = bnb_lib.nn.Params4bit(
                 w, requires_grad=False, quant_type=bnb.bnb_4bit_quant_type,
                 compress_statistics=bnb.bnb_4bit_use_double_quant, quant_storage=bnb.bnb_4bit_quant_storage,
                 module=module,
-            )._quantize(device)
+            )._quantize(draw_on)
+            # Params4bit.to moves its quant_state in place: module.quant_state (the same object) follows
+            module.weight = weight if device == draw_on else weight.to(device)
         elif isinstance(module, bnb_lib.nn.Linear8bitLt):
             w = _normal_(torch.empty(module.out_features, module.in_features, dtype=torch.float16, device="cpu"),
                          mod_name, std)
@@ -89,9 +99,9 @@ def build_random_model(
         else:
             for p_name, p in list(module.named_parameters(recurse=False)):
                 full = f"{mod_name}.{p_name}"
-                t = torch.empty(p.shape, dtype=dtype, device=device)
+                t = torch.empty(p.shape, dtype=dtype, device=draw_on)
                 t = t.fill_(1.0) if "norm" in full else _normal_(t, full, std)
-                setattr(module, p_name, torch.nn.Parameter(t, requires_grad=False))
+                setattr(module, p_name, torch.nn.Parameter(t.to(device), requires_grad=False))
     for mod_name, module in list(model.named_modules()):
         if mod_name.endswith("rotary_emb"):  # inv_freq is computed in __init__: build it again on the device
             with torch.device("cpu"):  # transformers 4.x takes device=, 5.x does not: build, then move

@@ -143,7 +143,7 @@ def test_setup_memory_history_starts_at_setup_and_is_written_and_stopped(tmp_pat
                               default_root_dir=str(tmp_path), global_rank=1)
     cb = EfficiencyMonitor(record_setup_memory=True)
     cb.setup(trainer, None, "fit")
-    assert cb.recording and calls == [{"max_entries": 1_000_000}]
+    assert cb.recording and calls == [{"max_entries": 1_000_000, "stacks": "python"}]
     cb._write_setup_memory(trainer)
     assert not cb.recording and calls[-1] == {"enabled": None}
     assert pickle.loads((tmp_path / "setup_memory_rank1.pickle").read_bytes()) == {"segments": ["seen"]}

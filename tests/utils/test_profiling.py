@@ -33,5 +33,6 @@ def test_annotation_ranges_are_not_kernels():
     from lightning_qpeft.utils.profiling import is_annotation
 
     assert is_annotation("Optimizer.step#PagedAdamW32bit.step") and is_annotation("ProfilerStep#3")
+    assert is_annotation("FullyShardedDataParallel.forward")
     assert not is_annotation("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*)")
     assert not is_annotation("void kOptimizer32bit2State<float, 0>(float*, float*)")
