@@ -87,10 +87,22 @@ class QPeftFSDPStrategy(FSDPStrategy):
 
     Args:
         **kwargs: `lightning.pytorch.strategies.FSDPStrategy` arguments; `auto_wrap_policy` defaults to
-            peft's policy for the model being trained.
+            peft's policy for the model being trained. `state_dict_type: sharded` and `use_orig_params: false`
+            are refused: the adapter-only checkpoint is a full one, gathered from the original parameters.
     """
 
     strategy_name = "fsdp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._state_dict_type != "full":
+            raise ValueError(
+                f"trainer.strategy.state_dict_type={self._state_dict_type}: checkpoints hold the adapter only, "
+                "gathered in full to rank 0 (a sharded checkpoint would expect the quantized base in it); use full")
+        if self.kwargs.get("use_orig_params") is False:
+            raise ValueError(
+                "trainer.strategy.use_orig_params=false: the adapter is saved and its optimizer state named through "
+                "the original parameters; use true (the default)")
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if "auto_wrap_policy" not in self.kwargs:
@@ -100,10 +112,11 @@ class QPeftFSDPStrategy(FSDPStrategy):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The optimizer's state keyed by parameter names (rank 0's, full).
 
-        Lightning re-keys it by position (`rekey_optim_state_dict(..., PARAM_ID, model)`), which numbers the
-        optimizer's parameters 0, 1, ... but reads them back against all of the model's: with a frozen base
-        the resumed optimizer's ids name the wrong tensors (measured: a resume on one H200 failed with
-        KeyError 'model.base_model.model.model.embed_tokens.weight'). Lightning's load keeps names as they are.
+        Lightning re-keys it by position in `model.parameters()` (`rekey_optim_state_dict(..., PARAM_ID,
+        model)`) and back by position at resume. Under `use_orig_params` that order changes once the model has
+        run a step (the trained model lists the adapter's tensors first, a freshly wrapped one the embeddings),
+        so the resumed ids named the wrong tensors (measured: a resume on one H200 failed with KeyError
+        'model.base_model.model.model.embed_tokens.weight'). Lightning's load takes names as they are.
         """
         from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
         from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -132,8 +145,8 @@ def wrap_policy(module: nn.Module) -> Any:
     peft reads the decoder layer's class from `_no_split_modules`, which the transformers model has and the
     LightningModule (what Lightning wraps) does not: given the LightningModule, its policy wraps no decoder
     layer, so the whole base became one root unit - every rank held it twice while FSDP flattened it
-    (measured on one H200, Llama-2-7B: set-up peak 7.70 GiB for 4.20 resident) and gathered all of it for
-    each forward.
+    (measured on one H200, Llama-2-7B: set-up peak 7.75 GiB for 4.20 resident; 4.69 with this policy) and
+    gathered all of it for each forward.
     """
     from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -145,7 +158,12 @@ def gather_trainable(root: nn.Module, module: nn.Module, rank: int) -> dict[str,
     """`module`'s trainable tensors, unsharded, on the CPU, named as unwrapped (rank 0; others get {}), from
     the FSDP-wrapped `root`: one unit at a time (see `QPeftFSDPStrategy.lightning_module_state_dict`)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._runtime_utils import _lazy_init
 
+    # FSDP sets up its root at the first forward; a unit gathered before that (a save before the first step:
+    # preemption, an export with no step run) would make itself a root and break that forward (seen on the CPU:
+    # "Non-root FSDP instance's _is_root should not have been set"). torch has no public call for this.
+    _lazy_init(root, root)
     names = {id(p): _clean(n) for n, p in module.named_parameters() if p.requires_grad}
     state: dict[str, torch.Tensor] = {}
     for unit in FSDP.fsdp_modules(root):
@@ -159,38 +177,43 @@ def gather_trainable(root: nn.Module, module: nn.Module, rank: int) -> dict[str,
 
 
 def check_flattenable(model: nn.Module, method: str) -> None:
-    """Refuse an adapter whose trainable tensors would share an FSDP unit with frozen weights of another dtype.
+    """Refuse an adapter whose trainable tensors would share an FSDP unit with tensors of another dtype.
 
-    peft's wrap policy gives a unit of its own to every leaf module with a trainable `weight` (LoRA's A and B, a
-    prompt embedding); other trainable tensors (IA3's and VeRA's vectors, kept in ParameterDicts) stay in their
-    decoder layer's unit, and FSDP flattens a unit into one dtype: float32 vectors beside bfloat16 weights fail
-    inside FSDP ("Must flatten tensors with uniform dtype") with no key named.
+    FSDP flattens each unit into one dtype. peft's wrap policy (`wrap_policy`) gives units of their own to LoRA's
+    A and B and to prompt encoders; tensors outside those (IA3's and VeRA's vectors, AdaLoRA's factors,
+    BOFT's rotations) stay in their decoder layer's unit, and float32 ones beside the bfloat16 base fail inside
+    FSDP ("Must flatten tensors with uniform dtype") with no key named. Units are assigned as FSDP's recursive
+    wrap assigns them: a module the policy wraps starts a unit, every other module belongs to the nearest one
+    above it (the root's at the top).
     """
-    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
-    for name, module in model.named_modules():
-        own_unit = (next(module.children(), None) is None and isinstance(getattr(module, "weight", None), nn.Parameter)
-                    and module.weight.requires_grad)
-        if own_unit:
-            continue
-        for p_name, p in module.named_parameters(recurse=False):
-            if p.requires_grad and frozen - {p.dtype}:
-                raise ValueError(
-                    f"model.adapter={method} cannot run with trainer.strategy=fsdp: its trainable tensor "
-                    f"{name}.{p_name} ({p.dtype}) would share an FSDP unit with the frozen "
-                    f"{'/'.join(sorted(str(d) for d in frozen))} weights of its layer, and FSDP flattens a unit "
-                    "into one dtype; use trainer.strategy=ddp, or an adapter made of layers (lora, prompt_tuning)")
+    policy = wrap_policy(model)
+    units: dict[str, list[tuple[str, nn.Parameter]]] = {}
+
+    def walk(module: nn.Module, name: str, unit: str) -> None:
+        if name and policy(module=module, recurse=False, nonwrapped_numel=0):
+            unit = name
+        units.setdefault(unit, []).extend((f"{name}.{n}" if name else n, p)
+                                          for n, p in module.named_parameters(recurse=False))
+        for child_name, child in module.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name, unit)
+
+    walk(model, "", "")
+    for unit, params in units.items():
+        dtypes = {p.dtype for _, p in params}
+        trainable = [(n, p) for n, p in params if p.requires_grad]
+        if len(dtypes) > 1 and trainable:
+            name, p = trainable[0]
+            others = "/".join(sorted(str(d) for d in dtypes - {p.dtype}))
+            raise ValueError(
+                f"model.adapter={method} cannot run with trainer.strategy=fsdp: its trainable tensor {name} "
+                f"({p.dtype}) would share the FSDP unit {unit or '(root)'} with {others} tensors, and FSDP flattens "
+                "a unit into one dtype; use trainer.strategy=ddp, or an adapter made of layers (lora, prompt_tuning)")
 
 
 def _owned_parameters(unit: nn.Module) -> list[nn.Parameter]:
-    """The parameters one FSDP unit flattens: those of the module it wraps, minus nested units'."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    out, stack = [], [unit.module]
-    while stack:
-        m = stack.pop()
-        out.extend(m.parameters(recurse=False))
-        stack.extend(c for c in m.children() if not isinstance(c, FSDP))
-    return out
+    """The original parameters one FSDP unit flattens, as FSDP lists them (a unit may own none)."""
+    handle = getattr(unit, "_handle", None)  # FSDP's own record: shared and ignored tensors come out right
+    return list(handle.flat_param._params) if handle is not None else []
 
 
 def _clean(name: str) -> str:

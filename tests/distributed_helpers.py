@@ -20,7 +20,9 @@ class DumpTrainableTensors(Callback):
 
 def gather_trainable_worker(rank: int, world: int, model_dir: str, method: str, port: int, out: str) -> None:
     """One gloo rank: a 4-bit tiny model with an adapter, wrapped in torch's FSDP on the CPU as
-    QPeftFSDPStrategy wraps it; rank 0 saves the gathered trainable tensors next to the unwrapped ones."""
+    QPeftFSDPStrategy wraps it; rank 0 saves the trainable tensors gathered before any forward next to the
+    unwrapped ones, and those gathered after a training step next to what a gather of the whole model gives."""
+    import contextlib
     import os
 
     import torch
@@ -29,7 +31,7 @@ def gather_trainable_worker(rank: int, world: int, model_dir: str, method: str, 
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from lightning_qpeft.distributed import gather_trainable
+    from lightning_qpeft.distributed import _clean, gather_trainable
     from lightning_qpeft.model.adapters import attach_adapter
     from lightning_qpeft.model.loading import load_base_model
     from lightning_qpeft.model.preparation import prepare_base
@@ -48,12 +50,24 @@ def gather_trainable_worker(rank: int, world: int, model_dir: str, method: str, 
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     root = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
                 device_id=torch.device("cpu"))
-    gathered = gather_trainable(root, root, rank)
+    gathered = gather_trainable(root, root, rank)  # before the first forward: a save at step 0
+    # then a step (the gather above must not have broken FSDP's root), and again
+    optimizer = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 100, (2, 8))
+    root(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    trained = gather_trainable(root, root, rank)
+    # the whole model gathered at once (with one rank FSDP runs NO_SHARD: the parameters are whole already, and
+    # summoning the root trips an assertion of torch's on peft's shared word embeddings)
+    with FSDP.summon_full_params(root, writeback=False) if world > 1 else contextlib.nullcontext():
+        whole = {_clean(n): p.detach().clone() for n, p in root.named_parameters() if p.requires_grad}
     if rank == 0:
         save_file({f"before/{n}": t.contiguous() for n, t in before.items()}
-                  | {f"gathered/{n}": t.contiguous() for n, t in gathered.items()}, out)
+                  | {f"gathered/{n}": t.contiguous() for n, t in gathered.items()}
+                  | {f"trained/{n}": t.contiguous() for n, t in trained.items()}
+                  | {f"whole/{n}": t.contiguous() for n, t in whole.items()}, out)
     else:
-        assert gathered == {}
+        assert gathered == {} and trained == {}
     dist.destroy_process_group()
 
 

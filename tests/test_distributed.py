@@ -342,7 +342,8 @@ def test_adapters_whose_vectors_share_a_unit_with_the_base_are_refused_under_fsd
     ia3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                     task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match=r"model.adapter=ia3 cannot run with trainer.strategy=fsdp: its trainable "
-                                         r"tensor .*ia3_l.default \(torch.float32\) would share an FSDP unit"):
+                                         r"tensor \S*layers.0.self_attn.k_proj.ia3_l.default \(torch.float32\) would "
+                                         r"share the FSDP unit \S*layers.0 with torch.bfloat16 tensors"):
         configure(ia3)
     lora = configure(LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert {p.dtype for p in lora.model.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -351,7 +352,7 @@ def test_adapters_whose_vectors_share_a_unit_with_the_base_are_refused_under_fsd
 def test_fsdp_wraps_each_decoder_layer_of_the_lightning_module(tiny_model_dir):
     # Lightning hands FSDP the LightningModule; peft's policy built from it wrapped no decoder layer (it reads
     # `_no_split_modules` from the model it is given), so the whole base was one unit: measured on one H200,
-    # Llama-2-7B, 449 units (448 LoRA leaves + the root) and a set-up peak of 7.70 GiB for 4.20 resident
+    # Llama-2-7B, 449 units (448 LoRA leaves + the root) and a set-up peak of 7.75 GiB for 4.20 resident
     from peft.utils.other import fsdp_auto_wrap_policy
 
     from lightning_qpeft.distributed import wrap_policy
@@ -370,3 +371,15 @@ def test_fsdp_wraps_each_decoder_layer_of_the_lightning_module(tiny_model_dir):
     assert len(layers) == module.model.config.num_hidden_layers and leaves
     assert units(wrap_policy(module)) == layers | leaves
     assert units(fsdp_auto_wrap_policy(module)) == leaves  # what the LightningModule itself gave
+
+
+def test_fsdp_settings_the_adapter_only_checkpoint_cannot_serve_are_refused():
+    # the checkpoint is the adapter, gathered in full through the original parameters (on the CPU: a sharded
+    # checkpoint's resume would ask for the base's shards; use_orig_params=false gathered flat parameters)
+    from lightning_qpeft.distributed import QPeftFSDPStrategy
+
+    with pytest.raises(ValueError, match="trainer.strategy.state_dict_type=sharded: checkpoints hold the adapter"):
+        QPeftFSDPStrategy(state_dict_type="sharded")
+    with pytest.raises(ValueError, match="trainer.strategy.use_orig_params=false"):
+        QPeftFSDPStrategy(use_orig_params=False)
+    assert QPeftFSDPStrategy().kwargs["use_orig_params"] is True
