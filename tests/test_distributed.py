@@ -322,12 +322,15 @@ def test_fsdp_base_loaded_on_the_cpu_trains_as_one_loaded_on_the_gpu(tiny_model_
 
 def test_adapters_whose_vectors_share_a_unit_with_the_base_are_refused_under_fsdp(tiny_model_dir):
     # IA3's float32 vectors would be flattened with their layer's bfloat16 weights: FSDP fails inside its wrap
-    # with "Must flatten tensors with uniform dtype" (seen on the CPU with torch's FSDP); refused with the key
+    # with "Must flatten tensors with uniform dtype" (seen on the CPU with torch's FSDP). The known methods are
+    # refused before a weight loads; check_flattenable finds any other once the model is built.
     from unittest.mock import MagicMock
 
     from lightning.pytorch.strategies import FSDPStrategy
-    from peft import IA3Config, LoraConfig
+    from peft import IA3Config, VeraConfig, get_peft_model
 
+    from lightning_qpeft.distributed import check_flattenable
+    from lightning_qpeft.model.loading import load_base_model
     from lightning_qpeft.model.module import QPeftModule
 
     def configure(adapter):
@@ -341,36 +344,19 @@ def test_adapters_whose_vectors_share_a_unit_with_the_base_are_refused_under_fsd
 
     ia3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                     task_type="CAUSAL_LM")
-    with pytest.raises(ValueError, match=r"model.adapter=ia3 cannot run with trainer.strategy=fsdp: its trainable "
-                                         r"tensor \S*layers.0.self_attn.k_proj.ia3_l.default \(torch.float32\) would "
-                                         r"share the FSDP unit \S*layers.0 with torch.bfloat16 tensors"):
+    with pytest.raises(ValueError, match="model.adapter=ia3 cannot run with trainer.strategy=fsdp: its float32"):
         configure(ia3)
     lora = configure(LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert {p.dtype for p in lora.model.parameters() if not p.requires_grad} == {torch.bfloat16}
-
-
-def test_fsdp_wraps_each_decoder_layer_of_the_lightning_module(tiny_model_dir):
-    # Lightning hands FSDP the LightningModule; peft's policy built from it wrapped no decoder layer (it reads
-    # `_no_split_modules` from the model it is given), so the whole base was one unit: measured on one H200,
-    # Llama-2-7B, 449 units (448 LoRA leaves + the root) and a set-up peak of 7.75 GiB for 4.20 resident
-    from peft.utils.other import fsdp_auto_wrap_policy
-
-    from lightning_qpeft.distributed import wrap_policy
-    from lightning_qpeft.model.module import QPeftModule
-
-    module = QPeftModule(tiny_model_dir, quantization="nf4-dq",
-                         adapter=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    module.configure_model()
-
-    def units(policy):
-        return {name for name, m in module.named_modules() if name and policy(module=m, recurse=False,
-                                                                             nonwrapped_numel=0)}
-
-    layers = {n for n, m in module.named_modules() if type(m).__name__ == "LlamaDecoderLayer"}
-    leaves = {n for n, _ in module.named_modules() if n.endswith((".lora_A.default", ".lora_B.default"))}
-    assert len(layers) == module.model.config.num_hidden_layers and leaves
-    assert units(wrap_policy(module)) == layers | leaves
-    assert units(fsdp_auto_wrap_policy(module)) == leaves  # what the LightningModule itself gave
+    check_flattenable(lora.model, "lora")  # LoRA's A and B are units of their own
+    for config, tensor in ((ia3, "ia3_l.default"), (VeraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               task_type="CAUSAL_LM"), "vera_lambda_b.default")):
+        base = load_base_model(tiny_model_dir, quantization="nf4-dq", quant_storage="bfloat16")
+        model = get_peft_model(base.requires_grad_(False), config)
+        with pytest.raises(ValueError, match=rf"its trainable tensor \S*layers.0.self_attn.\w+.{tensor} "
+                                             r"\(torch.float32\) would share the FSDP unit \S*layers.0 with "
+                                             r"torch.bfloat16 tensors"):
+            check_flattenable(model, "x")
 
 
 def test_fsdp_settings_the_adapter_only_checkpoint_cannot_serve_are_refused():

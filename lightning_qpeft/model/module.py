@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from peft import AdaLoraConfig
+from peft import AdaLoraConfig, BOFTConfig, IA3Config, VeraConfig
 from torchmetrics import MeanMetric
 
 from lightning_qpeft.callbacks.numerics import all_finite
@@ -95,6 +95,11 @@ class Generation:
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
         return kw
+
+
+# adapters whose trainable tensors sit in their decoder layer's FSDP unit (measured with check_flattenable over
+# configs/adapter: IA3's and VeRA's vectors, AdaLoRA's factors, BOFT's rotations)
+FSDP_UNFLATTENABLE = (IA3Config, VeraConfig, AdaLoraConfig, BOFTConfig)
 
 
 class QPeftModule(LightningModule):
@@ -295,6 +300,12 @@ class QPeftModule(LightningModule):
                 "model.quantization=int8 cannot run with trainer.strategy=fsdp: FSDP shards float tensors only and "
                 "int8 weights are integers; use nf4/nf4-dq/fp4 (4-bit storage is made float) or trainer.strategy=ddp"
             )
+        if isinstance(self.adapter, FSDP_UNFLATTENABLE):
+            # what check_flattenable finds once the model is built, said before a weight loads
+            raise ValueError(
+                f"model.adapter={self.method} cannot run with trainer.strategy=fsdp: its float32 tensors live inside "
+                "the decoder layers' FSDP units beside the bfloat16 base, and FSDP flattens a unit into one dtype; "
+                "use trainer.strategy=ddp, or an adapter made of layers (lora, prompt_tuning)")
         param_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
             fsdp_param_dtype(str(self.trainer.precision))
         )
