@@ -18,6 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +41,9 @@ from lightning_qpeft.model.adapters import complete_run_fields
 from lightning_qpeft.model.module import QPeftModule
 
 register_strategies()  # --trainer.strategy fsdp -> QPeftFSDPStrategy (see distributed.py)
+# jsonargparse fills LoraConfig's `loftq_config` with LoftQConfig's defaults, so peft warned on every LoRA run that a
+# loftq_config nobody set would be ignored (LoftQ itself: configs/adapter/loftq.yaml, via model/adapters.py)
+warnings.filterwarnings("ignore", message="`loftq_config` specified but will be ignored")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "precision": "bf16-mixed",
