@@ -23,8 +23,8 @@ What `QPeftFSDPStrategy` changes against Lightning's `FSDPStrategy`, and why:
   gathered alone. Without it the whole base is one unit: every rank gathers all of it (`wrap_policy`).
 - checkpoints: only the trainable tensors are gathered to rank 0, one unit at a time (the base is reloaded,
   never saved), instead of Lightning's full state dict, which would gather the whole quantized base for every
-  save; the optimizer state stays keyed by names (Lightning's re-keying by position breaks when the optimizer
-  holds only the adapter).
+  save; the optimizer state stays keyed by names (Lightning re-keys it by position in `model.parameters()`,
+  an order that changes once the model has run a step).
 
 What the model side does under FSDP (`QPeftModule.configure_model`): the base is built in CPU memory
 (`model.fsdp_load_on: cpu`) so FSDP moves one unit at a time to the GPU, 4-bit weights are stored as the
@@ -122,8 +122,6 @@ class QPeftFSDPStrategy(FSDPStrategy):
         from lightning.pytorch.core.optimizer import LightningOptimizer
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        if self._state_dict_type != "full":
-            return super().optimizer_state(optimizer)
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         with _get_full_state_dict_context(self.model, world_size=self.world_size):
@@ -133,8 +131,8 @@ class QPeftFSDPStrategy(FSDPStrategy):
         """Trainable tensors only, gathered to rank 0 one FSDP unit at a time (other ranks return an empty dict).
 
         Each unit that owns trainable tensors (peft's policy makes each LoRA leaf a unit) is gathered alone:
-        gathering from the root would unshard the whole quantized base at every save. Copied to the CPU here rather than by FSDP's `offload_to_cpu`, which FSDP refuses for
-        unsharded units (world size 1 runs NO_SHARD).
+        gathering from the root would unshard the whole quantized base at every save. Copied to the CPU here
+        rather than by FSDP's `offload_to_cpu`, which FSDP refuses for unsharded units (world size 1 runs NO_SHARD).
         """
         return gather_trainable(self.model, self.lightning_module, self.global_rank)
 

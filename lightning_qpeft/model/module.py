@@ -134,7 +134,7 @@ class QPeftModule(LightningModule):
         attn_implementation: transformers attention backend (sdpa, eager, flash_attention_2).
         trust_remote_code: allow the model folder's own Python code to run (off: it would run on load).
         fsdp_load_on: under trainer.strategy=fsdp, where each rank builds its quantized base before FSDP shards
-            it: cpu (FSDP then moves one unit at a time to the GPU: the GPU never holds the whole base; costs the
+            it: cpu (FSDP then moves one unit at a time to the GPU: no GPU builds the whole base first; costs the
             4-bit base in CPU memory on every rank, and a checkpoint is quantized by bitsandbytes on the CPU,
             slower than on the GPU; random:<shape> bases are still quantized on the GPU) or device (on the GPU,
             as under DDP: the whole base must fit one GPU).

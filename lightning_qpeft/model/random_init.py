@@ -9,7 +9,7 @@ seed per tensor), as if all had loaded one checkpoint.
 
 `quantize_device` draws and quantizes each tensor on one device and keeps the result on another: under FSDP
 the model is drawn and quantized on the GPU a tensor at a time and kept in CPU memory, so FSDP can move it to
-the GPU one unit at a time (the GPU never holds the whole model). The values are those of a build on
+the GPU one unit at a time (no GPU builds the whole model before sharding). The values are those of a build on
 `quantize_device` (CUDA and CPU generators draw different numbers).
 
 A random model has no tokenizer: give one with `model.tokenizer` (the data only needs token ids).
