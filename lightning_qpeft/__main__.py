@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "merge": "lightning_qpeft.merge:main",  # adapter + dequantized base -> plain model folder
     "study": "lightning_qpeft.study.cli:main",  # a grid of runs, one process a cell, and its report
+    "fetch": "lightning_qpeft.fetch:main",  # a model or dataset the project knows, checked and converted
 }
 
 

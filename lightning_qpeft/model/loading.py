@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, resolve_dtype
+from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, pin_cpu_kernels, resolve_dtype
 from lightning_qpeft.model.random_init import build_random_model, is_random
 from lightning_qpeft.model.tiny import BUILTIN_MODELS
 
@@ -142,6 +142,7 @@ def load_base_model(
         model = build_random_model(path, bnb_config(mode, compute_dtype, quant_storage), dt, device,
                                    attn_implementation, quantize_device=quantize_device)
         model.config.use_cache = False
+        pin_cpu_kernels(model)
         return model
     check_causal_lm(path, trust_remote_code)
     try:
@@ -156,4 +157,5 @@ def load_base_model(
     except (OSError, SafetensorError) as e:  # missing or torn weight files; not CUDA errors (RuntimeError)
         raise ValueError(f"model.base_model: cannot load the weights of {path!r}: {_first_line(e)}") from e
     model.config.use_cache = False  # training; generation turns it on per call
+    pin_cpu_kernels(model)
     return model
