@@ -16,18 +16,30 @@
 #   torchdata                             StatefulDataLoader                    (urllib3, requests: there)
 #   liger-kernel                          model.loss fused on CUDA (optional)   (torch, triton: there)
 #   py-spy                                benchmarks --pyspy: where the CPU time of a step goes
-# Versions are this project's venv's (pip list), so the device runs what the CPU tests ran.
+#   gguf                                  reading the SmolLM2 GGUF (fetch --source FILE.gguf)
+#   nltk + click, joblib, defusedxml; rouge-score + absl-py     ROUGE with the Porter stemmer (rouge-score's)
+#   sacrebleu + portalocker, tabulate, colorama, lxml            BLEU
+# Versions come from constraints.txt (the versions the CPU suite passed with): one list, not two. The device
+# keeps its own torch, transformers, peft and lightning (a CUDA build; upgrading transformers would pull a new
+# huggingface_hub and its dependencies); runs record what they ran with (perf.json "versions").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-WHEELS=(
-  bitsandbytes==0.50.2
-  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-  jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
-  torchdata==0.11.0
-  liger-kernel==0.8.5
-  py-spy==0.4.3                           # benchmarks: --pyspy (a static binary in a py2.py3 wheel)
+NAMES=(
+  bitsandbytes datasets dill multiprocess jsonargparse docstring-parser typeshed-client torchdata
+  liger-kernel py-spy gguf nltk click joblib defusedxml absl-py sacrebleu portalocker tabulate colorama lxml
 )
+SDIST_ONLY=(rouge-score)  # pure Python, published as a source archive only: built into a wheel here
+pin_of() {
+  # constraints.txt writes names as pip freeze does (docstring_parser, rouge_score): compare normalised
+  local pin
+  pin=$(grep -i -E "^${1//[-_]/[-_]}==" constraints.txt || true)
+  [ -n "$pin" ] || { echo "fetch_wheels.sh: $1 has no version in constraints.txt" >&2; exit 1; }
+  echo "$pin"
+}
+WHEELS=()
+for name in "${NAMES[@]}"; do WHEELS+=("$(pin_of "$name")"); done
+for name in "${SDIST_ONLY[@]}"; do python3 -m pip wheel -q --no-deps -w .whl "$(pin_of "$name")"; done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
@@ -36,7 +48,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 
 # bitsandbytes ships a library for every CUDA/ROCm/XPU version (43 MB); the device's torch is cu130, so keep the
 # CUDA 13 and CPU ones (the working tree a device call carries is limited to 64 MiB). RECORD loses the same lines.
-BNB=$(ls .whl/bitsandbytes-0.50.2-*.whl)
+BNB=$(ls .whl/bitsandbytes-*.whl)
 if unzip -l "$BNB" | grep -q libbitsandbytes_cuda118; then
   tmp=$(mktemp -d)
   unzip -q "$BNB" -d "$tmp"

@@ -6,7 +6,7 @@ Besides `model.*`, `data.*` and `trainer.*`, the config has top-level sections f
 gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, peak memory, MFU; a summary in
 `<log_dir>/perf.json`), `nonfinite` (skip or stop on a NaN/Inf loss or gradient), `preemption` (a checkpoint on
 SIGTERM), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
-evaluation/generation.py), `mmlu` (MMLU during fit and in validate/test; off unless `mmlu.enabled: true`)
+callbacks/generation_metrics.py), `mmlu` (MMLU during fit and in validate/test; off unless `mmlu.enabled: true`)
 and `prediction_writer` (JSONL output of predict).
 `data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
 with the model's own tokenizer. Adapter fields that the run decides (a text-initialised prompt's tokenizer,
@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_qpeft.callbacks import (
     AdapterExport,
     EfficiencyMonitor,
+    GenerationMetrics,
     JsonlPredictionWriter,
     MMLUEvaluation,
     NonFiniteGuard,
@@ -36,7 +37,6 @@ from lightning_qpeft.callbacks import (
 )
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
-from lightning_qpeft.evaluation.generation import GenerationMetrics
 from lightning_qpeft.model.adapters import complete_run_fields
 from lightning_qpeft.model.module import QPeftModule
 

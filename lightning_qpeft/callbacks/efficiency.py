@@ -45,6 +45,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_qpeft.core.versions import library_versions
 from lightning_qpeft.utils.atomic import atomic_file
 from lightning_qpeft.utils.flops import TransformerShape, peak_flops, training_flops
 from lightning_qpeft.utils.profiling import StepProfiler
@@ -380,6 +381,7 @@ class EfficiencyMonitor(Callback):
             "world_size": self.world_size,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device),
             "precision": str(trainer.precision),
+            "versions": library_versions(),
             "memory_kind": memory_kind,
             "peak_memory_reserved_gib": (torch.cuda.max_memory_reserved(self.device) / GIB
                                          if self.device.type == "cuda" else None),

@@ -74,6 +74,8 @@ class MMLUEvaluation(Callback):
         report_path: the JSON report; default `<log_dir>/mmlu_<split>.json` (json: `mmlu_<file stem>.json`).
         hub_name: hub dataset laid out as cais/mmlu (source hub).
         synthetic_questions: questions per subject of the synthetic set (source synthetic).
+        name: the metrics' prefix (`mmlu/accuracy`); a second evaluation in `trainer.callbacks` (say five-shot
+            beside zero-shot) takes another (`mmlu5/accuracy`) so that neither overwrites the other.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class MMLUEvaluation(Callback):
         report_path: Optional[str] = None,
         hub_name: str = "cais/mmlu",
         synthetic_questions: int = 40,
+        name: str = "mmlu",
     ) -> None:
         # refuse bad values now, before any model or data is loaded
         checks = [
@@ -105,6 +108,7 @@ class MMLUEvaluation(Callback):
             (padding_side in PADDING_SIDES, f"mmlu.padding_side: {padding_side!r}; choose right or left"),
             (letter_tokens in LETTER_TOKEN_MODES, f"mmlu.letter_tokens: {letter_tokens!r}; choose qlora or continuation"),
             (shots >= 0, f"mmlu.shots: {shots}; use 0 or more"),
+            (bool(name) and "/" not in name, f"mmlu.name: {name!r}; give a non-empty prefix without '/'"),
             (every_n_validations >= 1, f"mmlu.every_n_validations: {every_n_validations}; use 1 or more"),
             (max_samples is None or max_samples >= 1, f"mmlu.max_samples: {max_samples}; use 1 or more"),
             (not (enabled and source in ("json", "csv") and path is None),
@@ -126,6 +130,7 @@ class MMLUEvaluation(Callback):
         self.padding_side, self.letter_tokens = padding_side, letter_tokens
         self.report_path = report_path
         self.hub_name, self.synthetic_questions = hub_name, synthetic_questions
+        self.name = name
         self.evaluator: Optional[MMLUEvaluator] = None
         self.validations = 0  # validation runs seen during fit (kept in checkpoints)
         self.last_step: Optional[int] = None
@@ -236,9 +241,12 @@ class MMLUEvaluation(Callback):
         metrics = results.metrics()
         main = {k: v for k, v in metrics.items() if k in SUMMARY_METRICS or k.startswith("mmlu/category/")}
         rest = {k: v for k, v in metrics.items() if k not in main}  # mmlu/<subject>
+        if self.name != "mmlu":
+            main, rest, metrics = ({f"{self.name}/{k[len('mmlu/'):]}": v for k, v in d.items()}
+                                   for d in (main, rest, metrics))
         if through_module:
             for name, value in main.items():
-                pl_module.log(name, value, prog_bar=name == "mmlu/accuracy", sync_dist=False)  # equal on all ranks
+                pl_module.log(name, value, prog_bar=name.endswith("/accuracy"), sync_dist=False)  # equal on all ranks
         else:
             rest = metrics
         if trainer.logger is not None:
@@ -257,7 +265,7 @@ class MMLUEvaluation(Callback):
             return Path(self.report_path)
         # a QLoRA file is one split already: the report is named after it (mmlu_five_shot_mmlu_val.json)
         name = Path(self.path).stem if self.source == "json" else self.split
-        return Path(trainer.log_dir or trainer.default_root_dir) / f"mmlu_{name}.json"
+        return Path(trainer.log_dir or trainer.default_root_dir) / f"{self.name}_{name}.json"
 
     def write_report(self, trainer: Trainer, pl_module: LightningModule, results: MMLUResults) -> Path:
         path = self.resolve_report_path(trainer)

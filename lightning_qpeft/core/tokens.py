@@ -8,7 +8,7 @@ an answer: EOS and, for chat models, the template's end-of-turn token (`<|im_end
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross_entropy default)
 
@@ -65,3 +65,19 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
         if token is not None and token not in ids:
             ids.append(int(token))
     return ids
+
+
+def cut_at_stop(tokens: Any, stop_ids: Sequence[int]) -> tuple[list[list[int]], list[bool]]:
+    """Each row's tokens before its first stop token, and whether it stopped there (False: it ran to the limit).
+
+    Args:
+        tokens: generated ids, (B, new_tokens) (a tensor, or anything with `.tolist()`).
+        stop_ids: the tokens that end an answer.
+    """
+    rows, stopped = [], []
+    stops = set(int(s) for s in stop_ids)
+    for row in tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        rows.append(row if end is None else row[:end])
+        stopped.append(end is not None)
+    return rows, stopped

@@ -19,14 +19,14 @@ from typing import Any, Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from lightning_qpeft.core.tokens import IGNORE_INDEX, prompt_bos
 
 
 def _prompt_texts(records: list[dict], tokenizer: Any, template: Any) -> list[str]:
-    bos = tokenizer.bos_token or ""
+    bos = prompt_bos(tokenizer)  # "" where BOS is a chat-turn marker (SmolLM2's <|im_start|>)
     texts = [template.render(r, tokenizer) for r in records]
     # a chat template usually writes BOS itself: never put a second one in front
-    return [t if bos and t.startswith(bos) else f"{bos}{t}" for t in texts]
+    return [t if not bos or t.startswith(bos) else f"{bos}{t}" for t in texts]
 
 
 def tokenize_records(

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_qpeft.core.tokens import cut_at_stop, stop_token_ids
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
                                          tokenize_records)
 from lightning_qpeft.data.samplers import RecordBatchSampler
@@ -319,9 +320,16 @@ class NLGDataModule(LightningDataModule):
             self.prompts("predict"), self.eval_batch_size, PromptCollator(self.tokenizer.pad_token_id)
         )
 
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        """Generated ids -> text, stopping at EOS."""
-        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a generated answer: EOS and the chat template's end-of-turn token."""
+        return stop_token_ids(self.tokenizer)
+
+    def decode(self, tokens: torch.Tensor) -> tuple[list[str], list[bool]]:
+        """Generated ids (B, new) -> each answer's text, cut at its first stop token; and whether it stopped there
+        (False: it ran to max_new_tokens)."""
+        rows, stopped = cut_at_stop(tokens, self.stop_ids)
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)], stopped
 
     # ------------------------------------------------------------------------------ statistics
     def statistics(self, sampler: Optional[RecordBatchSampler] = None) -> dict[str, float]:

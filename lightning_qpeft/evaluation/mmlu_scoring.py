@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from lightning_qpeft.core.tokens import prompt_bos
 from lightning_qpeft.evaluation.mmlu_prompt import CHOICES
 
 LETTER_TOKEN_MODES = ("qlora", "continuation")
@@ -65,7 +66,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> t
     the prompts built here are k-limited so that nothing is cut at the defaults, and an over-long prompt keeps
     its end (the question and "Answer:") instead.
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and tokenizer.bos_token else []
+    bos = [tokenizer.bos_token_id] if prompt_bos(tokenizer) else []  # none where BOS is a chat-turn marker
     ids = [bos + x for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     cut = sum(len(x) > max_length for x in ids)
     return [x[-max_length:] for x in ids], cut

@@ -184,6 +184,7 @@ class Setting:
     packing: bool = False
     upcast_norms: bool = True
     compute_dtype: str = "bfloat16"
+    precision: str = ""  # trainer.precision, where known (QPeftModule.setup)
 
     @property
     def weights_dtype(self) -> str:
@@ -264,6 +265,17 @@ def _randomized_pissa(s: Setting) -> Optional[str]:
     return None
 
 
+def _fp32_norms_without_autocast(s: Setting) -> Optional[str]:
+    if s.precision in FULL_PRECISION and s.upcast_norms and s.weights_dtype in ("bfloat16", "float16"):
+        return (f"model.dtype={s.weights_dtype} cannot run with trainer.precision={s.precision} and "
+                "model.upcast_norms=true: the float32 norm weights turn every activation into float32, which then "
+                f"meets the {s.weights_dtype} weights in a matmul with no autocast to reconcile them; use "
+                f"trainer.precision=bf16-mixed (or bf16-true), or model.upcast_norms=false")
+    return None
+
+
+FULL_PRECISION = ("32-true", "32", "64-true", "64")
+
 RULES: tuple[Rule, ...] = (
     Rule("model.gradient_checkpointing", "prefix_tuning refuses gradient checkpointing", _prefix_checkpointing),
     Rule("model.quant_storage", "methods that read the base weight (pissa, loftq, full) refuse a float "
@@ -275,7 +287,12 @@ RULES: tuple[Rule, ...] = (
     Rule("model.upcast_norms", "ln_tuning needs float32 norm weights (same reason)", _ln_tuning_fp32_norms),
     Rule("model.adapter.init_args.init_lora_weights", "pissa_niter_K is refused: its export does not reload "
          "identically", _randomized_pissa),
+    Rule("trainer.precision", "16-bit weights (model.dtype, or compute_dtype on a quantized base) with float32 norms "
+         "need autocast: 32-true is refused unless model.upcast_norms=false", _fp32_norms_without_autocast),
 )
+
+# rules that hold whatever the adapter (also for a bare base: evaluation, generation)
+ADAPTER_FREE_RULES = (_fp32_norms_without_autocast,)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -301,14 +318,21 @@ def check(
     packing: bool = False,
     upcast_norms: bool = True,
     compute_dtype: str = "bfloat16",
+    precision: str = "",
 ) -> Optional[Method]:
     """Refuse an impossible combination (ValueError naming both keys); return the method's row.
 
-    The arguments are the `model.*` keys of the same names (`packing` is `data.packing`: QPeftModule checks it
-    again in `setup`, when the data module is known). Device-independent: cells that need CUDA pass here and
-    are checked by `check_device`.
+    The arguments are the `model.*` keys of the same names (`packing` is `data.packing`, `precision` is
+    `trainer.precision`: QPeftModule checks both again in `setup`, when the trainer and data module are known).
+    Device-independent: cells that need CUDA pass here and are checked by `check_device`.
     """
     if adapter is None:
+        bare = Setting(None, "none", None, quantization, gradient_checkpointing, quant_storage, dtype, packing,
+                       upcast_norms, compute_dtype, precision)
+        for refuses in ADAPTER_FREE_RULES:
+            message = refuses(bare)
+            if message:
+                raise ValueError(message)
         return None
     mode = get_quant_mode(quantization)
     name, method = lookup(adapter)
@@ -326,7 +350,7 @@ def check(
             raise ValueError(f"model.adapter={name} cannot run with model.quantization={quantization}: "
                              f"{cell.reason}; {way_out(method)}")
     setting = Setting(adapter, name, method, quantization, gradient_checkpointing, quant_storage, dtype, packing,
-                      upcast_norms, compute_dtype)
+                      upcast_norms, compute_dtype, precision)
     for rule in RULES:
         message = rule.refuses(setting)
         if message:

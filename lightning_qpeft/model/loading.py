@@ -3,7 +3,9 @@
 Config keys (on `QPeftModule`; the data module gets the tokenizer's from the same `model.base_model`):
     model.base_model:        hub id (`meta-llama/Llama-2-7b-hf`) or a local folder; a missing local folder whose
                              name is a built-in model (`checkpoints/tiny-llama`) is created on first use;
-                             `random:<shape>` (e.g. random:llama-2-70b) builds random weights in memory
+                             `random:<shape>` (e.g. random:llama-2-70b) builds random weights in memory; a
+                             `.gguf` file is dequantized into a cached folder once (`gguf.py`), then loaded
+                             and quantized like any folder
     model.tokenizer:         tokenizer folder or hub id when it is not the base model's (random: models)
     model.quantization:      see `quantization.py`
     model.dtype:             dtype of the weights that are not quantized (`auto` keeps the checkpoint's)
@@ -21,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from lightning_qpeft.model.gguf import gguf_folder, is_gguf
 from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, pin_cpu_kernels, resolve_dtype
 from lightning_qpeft.model.random_init import build_random_model, is_random
 from lightning_qpeft.model.tiny import BUILTIN_MODELS
@@ -45,6 +48,8 @@ def resolve_base_model(name_or_path: str, key: str = "model.base_model", need_co
     """
     if is_random(name_or_path):
         return name_or_path
+    if is_gguf(name_or_path):  # llama.cpp's file: dequantized into a cached model folder once
+        return str(gguf_folder(name_or_path, key))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir() or (need_config and not (path / "config.json").exists()):

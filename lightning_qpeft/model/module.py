@@ -24,7 +24,6 @@ quantized base is reloaded from `base_model`, never saved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +55,7 @@ from lightning_qpeft.model.fused_loss import (
     resolve_loss,
     supervised_hidden,
 )
+from lightning_qpeft.model.generation import Generation, generate
 from lightning_qpeft.model.loading import load_base_model, resolve_base_model
 from lightning_qpeft.model.preparation import check_compile_scope, compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
@@ -70,31 +70,6 @@ IGNORE_INDEX = -100
 def _clean_name(name: str) -> str:
     # FSDP (use_orig_params) and activation checkpointing insert wrapper modules into parameter names
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-@dataclass
-class Generation:
-    """Decoding settings (greedy by default).
-
-    Attributes:
-        max_new_tokens: most tokens generated per prompt.
-        do_sample: sample instead of greedy/beam decoding.
-        temperature: sampling temperature.
-        top_p: nucleus sampling mass.
-        num_beams: beam search width (1: none).
-    """
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_beams: int = 1
-
-    def kwargs(self) -> dict[str, Any]:
-        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
-        if self.do_sample:
-            kw.update(temperature=self.temperature, top_p=self.top_p)
-        return kw
 
 
 # adapters whose trainable tensors sit in their decoder layer's FSDP unit (measured with check_flattenable over
@@ -330,7 +305,8 @@ class QPeftModule(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         compat.check(self.adapter, self.quantization, self.gradient_checkpointing, self.quant_storage,
                      self.dtype_name, packing=bool(getattr(datamodule, "packing", False)),
-                     upcast_norms=self.upcast_norms, compute_dtype=self.compute_dtype)
+                     upcast_norms=self.upcast_norms, compute_dtype=self.compute_dtype,
+                     precision=str(self.trainer.precision) if self._trainer is not None else "")
 
     def _warn_fp16_with_4bit(self) -> None:
         precision = str(self.trainer.precision) if self._trainer is not None else ""
@@ -420,25 +396,19 @@ class QPeftModule(LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(loss.clamp(max=50)), sync_dist=True)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **overrides: Any) -> torch.Tensor:
-        """Continuations only, (B, new_tokens), for left-padded prompts."""
-        kwargs = {**self.generation.kwargs(), **overrides}
-        tok_pad = self.model.config.pad_token_id
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            pad_token_id=tok_pad if tok_pad is not None else self.model.config.eos_token_id,
-            **kwargs,
-        )
-        return out[:, input_ids.shape[1]:]
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop_ids: list[int], pad_id: int,
+                 **overrides: Any) -> torch.Tensor:
+        """Continuations only, (B, new_tokens), for left-padded prompts, under the trainer's precision context;
+        each answer ends at the first of `stop_ids` (`model/generation.py`)."""
+        context = self.trainer.precision_plugin.forward_context if self._trainer is not None else None
+        return generate(self.model, input_ids, attention_mask, self.generation, stop_ids, pad_id, context, **overrides)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Generate for each prompt; the prediction writer turns these into JSON lines."""
-        tokens = self.generate(batch["input_ids"], batch["attention_mask"])
-        texts = self.trainer.datamodule.decode(tokens)
-        return [{**meta, "prediction": text} for meta, text in zip(batch["meta"], texts)]
+        dm = self.trainer.datamodule
+        tokens = self.generate(batch["input_ids"], batch["attention_mask"], dm.stop_ids, dm.tokenizer.pad_token_id)
+        texts, stopped = dm.decode(tokens)
+        return [{**meta, "prediction": text, "stopped": done} for meta, text, done in zip(batch["meta"], texts, stopped)]
 
     # ----------------------------------------------------------------------------------- hooks
     def on_train_start(self) -> None:

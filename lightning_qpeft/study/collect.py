@@ -95,6 +95,8 @@ def collect_cell(cell_dir: Path, returncode: Optional[int]) -> dict[str, Any]:
         result["metrics"] = reduce_scalars(read_scalars(log_dir))
         if (log_dir / "config.yaml").exists():
             result["config"] = str(log_dir / "config.yaml")
+        if (log_dir / "perf.json").exists():  # the environment the figures come from
+            result["versions"] = json.loads((log_dir / "perf.json").read_text()).get("versions", {})
         adapter = log_dir / "adapter"
         if "adapter/size_bytes" not in result["metrics"] and adapter.is_dir():
             # an older run without the export's own log line: measure the folder the same way it does

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lightning_qpeft.data.datamodule import NLGDataModule
-from lightning_qpeft.evaluation.generation import GenerationMetrics, score_generations
-from lightning_qpeft.model.module import Generation, QPeftModule
+from lightning_qpeft.callbacks.generation_metrics import GenerationMetrics
+from lightning_qpeft.evaluation.generation import score_generations
+from lightning_qpeft.model.generation import Generation
+from lightning_qpeft.model.module import QPeftModule
 from tests.conftest import cpu_trainer
 
 

@@ -131,7 +131,8 @@ def test_supported_cell(method, quantization, tiny_model_dir, batch, base_logits
         again = last(reloaded(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, n)
     torch.testing.assert_close(again, trained, rtol=0, atol=RELOAD_ATOL)
 
-    tokens = module.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=3)
+    eos = module.model.config.eos_token_id
+    tokens = module.generate(batch["input_ids"], batch["attention_mask"], [eos], eos, max_new_tokens=3)
     assert tokens.shape[0] == 2 and 1 <= tokens.shape[1] <= 3
 
 
