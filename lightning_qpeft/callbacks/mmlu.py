@@ -56,7 +56,8 @@ class MMLUEvaluation(Callback):
         enabled: run the evaluation (off by default: the section is always present in the CLI).
         source: synthetic (built-in generated questions), json (QLoRA's data/mmlu files), csv (MMLU's
             dev/val/test folders), hub (the cais/mmlu dataset; needs the hub).
-        path: the JSON file (json) or the folder holding dev/, val/, test/ (csv).
+        path: the JSON file (json) or the folder holding dev/, val/, test/ (csv); a missing file named as one of
+            QLoRA's (five_shot_mmlu_val.json ...) is built from the CSVs beside it (data/mmlu).
         split: val or test (csv, hub, synthetic; a QLoRA JSON file is one split already and ignores it).
         shots: solved dev examples per prompt (csv, hub, synthetic); QLoRA's five-shot protocol is 5.
         max_prompt_tokens: k is lowered per question until the prompt has at most this many tokens

@@ -13,7 +13,7 @@ Metrics (what `MMLUResults.metrics` returns and the callback logs):
 
 Usage without Lightning:
 
-    items = load_items("csv", tokenizer, "mmlu_raw", split="val", shots=5)
+    items = load_items("csv", tokenizer, "data/mmlu", split="val", shots=5)
     results = MMLUEvaluator(items, tokenizer).evaluate(model, device)
     print(results.metrics()["mmlu/accuracy"])
 """

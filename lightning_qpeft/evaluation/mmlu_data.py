@@ -6,7 +6,8 @@ Config keys (`mmlu.*`, see `lightning_qpeft.callbacks.mmlu`):
                         (`<path>/{dev,val,test}/<subject>_<split>.csv`, header-less question,A,B,C,D,answer);
                         `hub`: the `cais/mmlu` dataset through `datasets.load_dataset`; `synthetic`: the
                         project's generated multiple-choice set (`lightning_qpeft.data.synthetic_mc`)
-    path:               the JSON file or the CSV folder
+    path:               the JSON file or the CSV folder; one of QLoRA's file names that is missing is built
+                        from the CSVs beside it (`mmlu_files`: data/mmlu/five_shot_mmlu_val.json)
     split:              val or test (csv, hub, synthetic)
     shots:              solved dev examples per prompt (csv, hub, synthetic; QLoRA's files are built already)
     max_prompt_tokens:  k is lowered per question until the prompt fits (Hendrycks' 2048)
@@ -77,6 +78,12 @@ def read_qlora_json(path: str | Path) -> list[Item]:
     if not items:
         raise DataError(f"mmlu.path: {path} holds no questions")
     return items
+
+
+def format_qlora_json(items: Sequence[Item]) -> str:
+    """Items as QLoRA's data/mmlu files hold them: one `{"subject", "input", "output"}` object a line, ASCII
+    escapes (`json.dumps`' defaults), each line ending in a newline."""
+    return "".join(json.dumps({"subject": it.subject, "input": it.prompt, "output": it.answer}) + "\n" for it in items)
 
 
 def read_csv_questions(path: Path, subject: str) -> list[Question]:
@@ -150,6 +157,9 @@ def load_items(
     if source in ("json", "csv") and path is None:
         raise ValueError(f"mmlu.path: mmlu.source {source} needs a path (a QLoRA .json file or a CSV folder)")
     if source == "json":
+        from lightning_qpeft.evaluation.mmlu_files import build_on_demand  # it imports this module
+
+        build_on_demand(path)  # data/mmlu's prompt files, from the CSVs beside them, when not built yet
         return read_qlora_json(path)
     if source == "csv":
         questions, dev = read_csv_folder(path, split)

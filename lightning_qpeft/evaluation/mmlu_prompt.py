@@ -82,9 +82,13 @@ def build_items(
     shots: int,
     count_tokens: Optional[Callable[[list[str]], list[int]]] = None,
     max_prompt_tokens: Optional[int] = None,
+    start_k: Optional[Sequence[int]] = None,
 ) -> list[Item]:
     """Prompts for `questions` with `shots` solved dev examples of the same subject, k lowered per question
     until the prompt fits `max_prompt_tokens` (as counted by `count_tokens`, a batched token counter).
+
+    `start_k` gives each question its own k to start from instead of `shots` (k already known, as
+    `mmlu_files` knows the LLaMA-2 tokenizer's k without that tokenizer).
 
     Raises:
         ValueError: a subject has fewer than `shots` dev examples.
@@ -96,8 +100,8 @@ def build_items(
                     f"mmlu.shots: {shots} solved examples asked for, but subject {subject!r} has "
                     f"{len(dev.get(subject, ()))} dev questions"
                 )
-    ks = [shots] * len(questions)
-    prompts = [build_prompt(q, dev.get(q.subject, ()), shots) for q in questions]
+    ks = list(start_k) if start_k is not None else [shots] * len(questions)
+    prompts = [build_prompt(q, dev.get(q.subject, ()), k) for q, k in zip(questions, ks, strict=True)]
     if count_tokens is not None and max_prompt_tokens is not None:
         todo = list(range(len(questions)))
         while todo:  # batched: every round re-counts only the prompts that were still too long

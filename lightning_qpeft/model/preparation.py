@@ -67,7 +67,7 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, s
     (`decoder_layer`: its norms and residual adds too), in place; returns how many modules were compiled.
 
     Why inside the layers and not the whole model (the peer's `torch.compile(model)`, +44 % speed at 2.1x memory,
-    ../shared/reference/peers.md): transformers' gradient checkpointing wraps each decoder layer's forward. A
+    benchmarks/RESULTS.md): transformers' gradient checkpointing wraps each decoder layer's forward. A
     compiled region inside that wrapper is an ordinary call to it: whatever the compiled graph saves for
     backward is dropped by the checkpoint and recomputed, so memory stays that of eager checkpointing. A graph
     spanning the checkpoints is partitioned by AOTAutograd instead, which decides on its own what to save: the

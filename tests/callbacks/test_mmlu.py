@@ -2,6 +2,7 @@
 writes; `validate` from the CLI on a bare base and on a trained adapter; bad settings refused up front."""
 
 import json
+import shutil
 from pathlib import Path
 
 import peft
@@ -96,6 +97,34 @@ def test_validate_evaluates_a_bare_base_and_a_trained_adapter(tiny_model_dir, tm
         expected_base = MMLUEvaluator(items, tokenizer).evaluate(plain)
     assert [q["prediction"] for q in base["questions"]] == expected_base.predictions
     assert tuned["overall"]["loss"] != base["overall"]["loss"]  # the adapter changed the scores
+
+
+def test_validate_scores_the_repositorys_mmlu_in_a_clone_without_shared(tiny_model_dir, tmp_path, monkeypatch):
+    """configs/mmlu.yaml as a new user runs it: a clone holding configs/ and data/mmlu's CSVs, nothing beside it;
+    the five-shot val file is built on first use, with QLoRA's md5, and its questions are scored."""
+    import hashlib
+
+    from lightning_qpeft.evaluation.mmlu_data import read_qlora_json
+    from lightning_qpeft.evaluation.mmlu_files import PROMPT_FILES
+
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "configs", clone / "configs")
+    shutil.copytree(ROOT / "data", clone / "data", ignore=shutil.ignore_patterns("*.json"))
+    assert not (clone.parent / "shared").exists() and not list((clone / "data" / "mmlu").glob("*.json"))
+    monkeypatch.chdir(clone)
+    QPeftCLI(args=["validate", "--config", "configs/mmlu.yaml", "--model.base_model", tiny_model_dir,
+                   "--model.compute_dtype", "float32", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
+                   "--trainer.default_root_dir", "run", "--trainer.enable_progress_bar", "false",
+                   "--mmlu.max_samples", "12"])
+
+    built = clone / "data" / "mmlu" / "five_shot_mmlu_val.json"
+    assert hashlib.md5(built.read_bytes()).hexdigest() == PROMPT_FILES[built.name].md5
+    report = json.loads(next((clone / "run").rglob("mmlu_five_shot_mmlu_val.json")).read_text())
+    assert report["path"] == "data/mmlu/five_shot_mmlu_val.json" and report["source"] == "json"
+    assert report["overall"]["questions"] == 12 and report["k_histogram"] == {"5": 12}
+    first = read_qlora_json(built)[:12]  # the file's first 12 questions (mmlu.max_samples), answers as QLoRA's
+    assert [(q["subject"], q["answer"]) for q in report["questions"]] == [(it.subject, it.answer) for it in first]
+    assert all(q["prediction"] in "ABCD" for q in report["questions"])
 
 
 def load_tokenizer_for(path):

@@ -1,12 +1,12 @@
 """Hendrycks' category mapping covers all 57 MMLU subjects (and the synthetic ones) with the four categories."""
 
 from collections import Counter
-
-import pytest
+from pathlib import Path
 
 from lightning_qpeft.data.synthetic_mc import SUBJECTS
 from lightning_qpeft.evaluation.mmlu_categories import CATEGORIES, SUBCATEGORIES, category_of
-from tests.conftest import SHARED_DATA
+
+MMLU = Path(__file__).resolve().parents[2] / "data" / "mmlu"
 
 
 def test_every_subject_has_one_of_the_four_categories():
@@ -19,8 +19,7 @@ def test_every_subject_has_one_of_the_four_categories():
     assert category_of("not_a_subject") is None
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mmlu_raw").is_dir(), reason="no ../shared/data")
 def test_the_table_names_exactly_the_subjects_of_the_real_files():
     for split in ("dev", "val", "test"):
-        files = {p.name[: -len(f"_{split}.csv")] for p in (SHARED_DATA / "mmlu_raw" / split).glob("*.csv")}
+        files = {p.name[: -len(f"_{split}.csv")] for p in (MMLU / split).glob("*.csv")}
         assert files == set(SUBCATEGORIES)

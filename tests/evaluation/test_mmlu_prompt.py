@@ -1,18 +1,20 @@
 """MMLU prompts: Hendrycks' format with its quirks, the k-limit, and QLoRA's files rebuilt byte for byte from the
-original CSVs (skipped when ../shared/data is absent)."""
+repository's CSVs (data/mmlu) with the LLaMA-2 tokenizer (QLoRA's files and the tokenizer are in ../shared/data;
+skipped when it is absent)."""
 
-import json
+from pathlib import Path
 
 import pytest
 
-from lightning_qpeft.evaluation.mmlu_data import load_items, read_qlora_json, token_counter
+from lightning_qpeft.evaluation.mmlu_data import format_qlora_json, load_items, read_qlora_json, token_counter
 from lightning_qpeft.evaluation.mmlu_prompt import Question, build_items, build_prompt, format_subject
 from tests.conftest import SHARED_DATA
 
 MMLU = SHARED_DATA / "mmlu"
-RAW = SHARED_DATA / "mmlu_raw"
+RAW = Path(__file__).resolve().parents[2] / "data" / "mmlu"
 LLAMA2 = SHARED_DATA / "tokenizers" / "llama2"
-needs_shared = pytest.mark.skipif(not (MMLU.is_dir() and RAW.is_dir() and LLAMA2.is_dir()), reason="no ../shared/data")
+needs_shared = pytest.mark.skipif(not (MMLU.is_dir() and LLAMA2.is_dir()),
+                                  reason="no ../shared/data (QLoRA's MMLU files and the LLaMA-2 tokenizer)")
 
 DEV = [Question("high_school_physics", f"Dev question {i}?", ("w", "x", "y", "z"), "ABCD"[i % 4]) for i in range(5)]
 Q = Question("high_school_physics", "What falls faster?", ("a feather", "a stone", "both", "None"), "C")
@@ -48,7 +50,7 @@ def test_too_few_dev_questions_is_refused():
 
 
 def _lines(items):
-    return [json.dumps({"subject": it.subject, "input": it.prompt, "output": it.answer}) for it in items]
+    return format_qlora_json(items).splitlines()
 
 
 @needs_shared
