@@ -9,8 +9,8 @@ shared folder and written outside git, never committed. What the study trains an
   plus the first 582 test dialogues (1,400), and the test split is the other 237.
 - E2E NLG: training is the dev set's (MR, reference) pairs (4,672 rows, 547 MRs), the test split is the real
   test set with all references (testset_w_refs.csv: 630 MRs).
-- Alpaca: the first 1,400 records of alpaca_5000.json (the next 100 are its test split); MMLU (zero- and
-  five-shot val, QLoRA's files) scores it.
+- Alpaca: the first 1,400 records of alpaca_5000.json (the next 100 are its test split); MMLU scores it
+  (data/mmlu, built by `python -m lightning_qpeft fetch mmlu`).
 """
 
 from __future__ import annotations
@@ -56,8 +56,6 @@ def main() -> None:
     (out / "alpaca_1400.json").write_text(json.dumps(alpaca[:1400], ensure_ascii=False), encoding="utf-8")
     (out / "alpaca_test.json").write_text(json.dumps(alpaca[1400:1500], ensure_ascii=False), encoding="utf-8")
 
-    for name in ("zero_shot_mmlu_val.json", "five_shot_mmlu_val.json"):
-        shutil.copyfile(shared / "mmlu" / name, out / name)
     for f in sorted(out.iterdir()):
         print(f"{f}: {f.stat().st_size / 2**20:.2f} MiB")
 

@@ -210,6 +210,11 @@ class MMLUEvaluation(Callback):
         if self.last_results is not None:  # the report of the last evaluation
             self.write_report(trainer, pl_module, self.last_results)
 
+    @property
+    def state_key(self) -> str:
+        # two evaluations in one run (zero- and five-shot) keep their states apart in checkpoints
+        return super().state_key if self.name == "mmlu" else self._generate_state_key(name=self.name)
+
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
 

@@ -2,7 +2,8 @@
 
     python -m lightning_qpeft.study.cell CELL_DIR/cell.json
 
-`cell.json` holds `args` (what `python -m lightning_qpeft fit` would get) and `evaluate` (`test`, `validate`).
+`cell.json` holds `args` (what `python -m lightning_qpeft fit` would get), `evaluate` (`test`, `validate`) and
+`fit` (false: no training, the evaluations of the model as configured).
 Fit and the evaluations share the process, the trained weights in memory and the TensorBoard logger, so one
 event folder holds every number of the cell and the base model is loaded once. The same cell by hand is
 `python -m lightning_qpeft fit ARGS`, then `test ARGS --model.adapter null --model.adapter_path <log>/adapter`.
@@ -37,9 +38,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         from lightning_qpeft.cli import QPeftCLI
 
-        cli = QPeftCLI(args=["fit", *spec["args"]])
-        if cli.trainer.interrupted:
-            raise RuntimeError("fit was interrupted (signal or KeyboardInterrupt); the cell is incomplete")
+        if spec.get("fit", True):
+            cli = QPeftCLI(args=["fit", *spec["args"]])
+            if cli.trainer.interrupted:
+                raise RuntimeError("fit was interrupted (signal or KeyboardInterrupt); the cell is incomplete")
+        else:  # the model as configured (a base model zero-shot): evaluations only
+            cli = QPeftCLI(args=spec["args"], run=False)
         for stage in spec.get("evaluate", []):
             getattr(cli.trainer, stage)(cli.model, datamodule=cli.datamodule)
         _record_cuda_peak(spec_path.parent / "process.json")

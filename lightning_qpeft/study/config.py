@@ -7,7 +7,8 @@ Study config keys (`configs/study/*.yaml`; `python -m lightning_qpeft study --he
                   (`model.adapter: {lora: configs/adapter/lora.yaml, ...}`), or a named axis whose labels
                   each set several keys (`quantization: {bf16: {model.quantization: none, model.dtype: bfloat16}}`)
     args:         extra command-line arguments of every cell (`[--trainer.max_steps, "150"]`)
-    cell_args:    extra arguments of the cells that match `when` ({axis: label or [labels]})
+    cell_args:    extra arguments of the cells that match `when` ({axis: label or [labels]}); `fit: false`
+                  makes them evaluate without training (a base model zero-shot)
     exclude:      cells to leave out ({axis: label or [labels]} each); include: extra cells ({axis: label, ...,
                   other.key: value})
     evaluate:     what runs after fit in the cell's process: `test` (test/loss, ROUGE/BLEU) and/or `validate`
@@ -45,10 +46,12 @@ class CellArgs:
     Attributes:
         when: axis -> label (or list of labels) a cell must have; empty: every cell.
         args: arguments appended to the matching cells' run, after the axes' (so they win).
+        fit: false: the matching cells skip training and only evaluate (a base model zero-shot).
     """
 
     when: dict = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
+    fit: bool = True
 
 
 @dataclass
@@ -164,6 +167,7 @@ class Cell:
         sets: config key -> value, what the axes (and `include` extras) override.
         extra: `key=label` of the extra keys an `include` entry sets (empty for grid cells).
         args: the run's command-line arguments after `fit` (without the output folder).
+        fit: whether the cell trains before its evaluations (false: the evaluations of the model as given).
     """
 
     id: str
@@ -171,6 +175,7 @@ class Cell:
     sets: dict
     extra: str
     args: tuple[str, ...]
+    fit: bool = True
 
 
 def value_label(value: Any) -> str:
@@ -295,12 +300,17 @@ def expand(spec: StudySpec) -> list[Cell]:
         args = ["--config", spec.base_config, *spec.args]
         for key, value in sets.items():
             args += [f"--{key}", cli_value(value)]
+        fit = True
         for i, ca in enumerate(spec.cell_args):
             if _matches(lab, ca.when, axes, f"cell_args[{i}].when"):
                 args += list(ca.args)
-        cid = cell_id(lab, extra, [*args, "evaluate", *spec.evaluate])
+                fit = fit and ca.fit
+        if not fit and not spec.evaluate:
+            raise StudyError(f"cell_args: cell {'__'.join(lab.values())} neither trains (fit: false) nor evaluates; "
+                             "set evaluate: [test] or [validate]")
+        cid = cell_id(lab, extra, [*args, "evaluate", *spec.evaluate, *([] if fit else ["no-fit"])])
         if cid in seen:
             raise StudyError(f"include: cell {cid} is already in the grid")
         seen.add(cid)
-        cells.append(Cell(cid, lab, sets, extra, tuple(args)))
+        cells.append(Cell(cid, lab, sets, extra, tuple(args), fit))
     return cells

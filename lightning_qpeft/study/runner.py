@@ -237,7 +237,7 @@ class StudyRunner:
         shutil.rmtree(cdir, ignore_errors=True)  # a half-run cell from a killed study starts over
         cdir.mkdir(parents=True)
         spec = {"id": cell.id, "labels": cell.labels, "sets": cell.sets, "args": self.cell_args(cell),
-                "evaluate": list(self.spec.evaluate)}
+                "evaluate": list(self.spec.evaluate), "fit": cell.fit}
         with atomic_file(cdir / "cell.json", "w") as f:
             json.dump(spec, f, indent=1)
         returncode, wall, usage = self.launch(cdir, env or {})
