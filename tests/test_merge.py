@@ -137,7 +137,7 @@ def test_full_fine_tuning_export_is_refused(tiny_model_dir, tmp_path):
 def test_merge_is_a_registered_command():
     from lightning_qpeft.__main__ import COMMANDS
 
-    assert COMMANDS["merge"] == "lightning_qpeft.merge:main"
+    assert COMMANDS["merge"][0] == "lightning_qpeft.merge:main"
     with pytest.raises(SystemExit) as e:
         merge_main(["--help"])
     assert e.value.code == 0
