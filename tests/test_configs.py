@@ -95,3 +95,30 @@ def test_unknown_quantization_mode_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="model.quantization: unknown mode 'nf2'"):
         QPeftCLI(args=["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.base_model", tiny_model_dir,
                        "--model.quantization", "nf2"], run=False)
+
+
+class _UniqueKeyLoader(__import__("yaml").SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; this loader refuses them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_has_unique_keys(config):
+    import yaml
+
+    yaml.load(config.read_text(), Loader=_UniqueKeyLoader)
+
+
+def test_the_unique_key_loader_refuses_a_duplicate():
+    import yaml
+
+    with pytest.raises(ValueError, match="duplicate key 'a' at line 3"):
+        yaml.load("a: 1\nb: 2\na: 3\n", Loader=_UniqueKeyLoader)

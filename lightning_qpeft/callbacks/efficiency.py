@@ -45,12 +45,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.core.versions import library_versions
 from lightning_qpeft.utils.atomic import atomic_file
 from lightning_qpeft.utils.flops import TransformerShape, peak_flops, training_flops
 from lightning_qpeft.utils.profiling import StepProfiler
 
-IGNORE_INDEX = -100
 GIB = 2**30
 # per-batch counters, summed on the device: real tokens, supervised tokens, all positions, records, causal pairs
 COUNTERS = ("tokens", "supervised_tokens", "positions", "samples", "attention_pairs")

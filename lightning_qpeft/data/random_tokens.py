@@ -17,7 +17,8 @@ from __future__ import annotations
 import datasets
 import numpy as np
 
-IGNORE_INDEX = -100
+from lightning_qpeft.core.tokens import IGNORE_INDEX
+
 # records per split (train, validation, test): enough for 512 optimizer steps of 8
 RECORDS = {"train": 4096, "validation": 64, "test": 64}
 

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from lightning_qpeft.core.tokens import IGNORE_INDEX
+
 LOSSES = ("standard", "fused", "chunked", "liger")
 # rows of logits computed at once: 2048 x 32k fp32 = 256 MiB; larger chunks gain nothing measurable
 CHUNK_ROWS = 2048

@@ -36,6 +36,7 @@ from torchmetrics import MeanMetric
 
 from lightning_qpeft.callbacks.numerics import all_finite
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
+from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.distributed import check_flattenable, fsdp_param_dtype, global_token_mean
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import (
@@ -64,7 +65,6 @@ from lightning_qpeft.model.traced_dequant import set_traced_dequantize
 
 # batch keys that go to the model's forward; the rest (metadata for generation) stays out
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
-IGNORE_INDEX = -100
 
 
 def _clean_name(name: str) -> str:
