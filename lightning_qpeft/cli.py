@@ -8,6 +8,8 @@ gets: `adapter_export` (peft export at the end of fit), `efficiency` (tokens/s, 
 SIGTERM), `generation_metrics` (ROUGE/BLEU of generated text at test/validate,
 callbacks/generation_metrics.py), `mmlu` (MMLU during fit and in validate/test; off unless `mmlu.enabled: true`)
 and `prediction_writer` (JSONL output of predict).
+Every run with a logger (TensorBoard by default; any `--trainer.logger`) also writes `<log_dir>/metrics.jsonl`
+(callbacks/metrics_file.py), which the study reads.
 `data.tokenizer` is linked to `model.tokenizer`, which defaults to `model.base_model`: the data is always tokenized
 with the model's own tokenizer. Adapter fields that the run decides (a text-initialised prompt's tokenizer,
 AdaLoRA's total_step) are filled before the adapter config is instantiated (`adapters.complete_run_fields`).
@@ -35,6 +37,7 @@ from lightning_qpeft.callbacks import (
     NonFiniteGuard,
     PreemptionCheckpoint,
 )
+from lightning_qpeft.callbacks.metrics_file import MetricsFile
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.model.adapters import complete_run_fields
@@ -71,6 +74,12 @@ class QPeftCLI(LightningCLI):
         # the config as given and let QPeftModule.on_load_checkpoint refuse a checkpoint that does not match
         # it, saying what differs: a silent override would resume something other than what was asked for.
         return
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.loggers:  # every logged metric also goes to <log_dir>/metrics.jsonl, whatever the logger
+            trainer.loggers = [*trainer.loggers, MetricsFile(lambda: trainer.log_dir or trainer.default_root_dir)]
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

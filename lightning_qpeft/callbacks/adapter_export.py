@@ -90,7 +90,7 @@ class AdapterExport(Callback):
             tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
             size = export_model(pl_module.model, path, training_info(pl_module), tokenizer, state_dict)
             rank_zero_info(f"adapter exported to {path} ({size / 1024:.1f} KiB)")
-            if trainer.logger is not None:
-                trainer.logger.log_metrics({"adapter/size_bytes": size}, step=trainer.global_step)
+            for logger in trainer.loggers:
+                logger.log_metrics({"adapter/size_bytes": size}, step=trainer.global_step)
         self.last_path = path
         trainer.strategy.barrier("adapter_export")

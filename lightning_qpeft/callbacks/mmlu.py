@@ -255,8 +255,8 @@ class MMLUEvaluation(Callback):
                 pl_module.log(name, value, prog_bar=name.endswith("/accuracy"), sync_dist=False)  # equal on all ranks
         else:
             rest = metrics
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(rest, step=self._logging_step(trainer))
+        for logger in trainer.loggers:
+            logger.log_metrics(rest, step=self._logging_step(trainer))
 
     @staticmethod
     def _logging_step(trainer: Trainer) -> int:

@@ -357,8 +357,9 @@ class NLGDataModule(LightningDataModule):
             return
         self._stats_logged = True
         stats = self.statistics(sampler)
-        if trainer.is_global_zero and trainer.logger is not None:
-            trainer.logger.log_metrics(stats, step=0)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(stats, step=0)
         rank_zero_info("data: " + ", ".join(
             f"{k[5:]} {v:,.3f}" if isinstance(v, float) else f"{k[5:]} {v:,}" for k, v in stats.items()
         ))

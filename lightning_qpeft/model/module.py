@@ -423,8 +423,8 @@ class QPeftModule(LightningModule):
     def on_fit_start(self) -> None:
         self.model.train()
         trainable, total = self.parameter_counts()
-        if self.logger is not None:
-            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
         self.print(f"adapter {self.method}: {trainable:,} trainable of {total:,} parameters "
                    f"({100 * trainable / max(total, 1):.3f} %)")
 

@@ -1,7 +1,8 @@
-"""Read a finished cell: its TensorBoard scalars, resolved config and error, as one flat result.
+"""Read a finished cell: its logged metrics, resolved config and error, as one flat result.
 
-A cell's numbers come from the event files its run wrote (tensorboard's `EventAccumulator`), so results.csv
-holds exactly what TensorBoard shows. Each tag is reduced to one number: its last logged value (the end of
+A cell's numbers come from the `metrics.jsonl` its run wrote (callbacks/metrics_file.py: every metric logged,
+whatever logger the run used; TensorBoard's event files for runs that predate it), so results.csv holds what
+the run logged. Each tag is reduced to one number: its last logged value (the end of
 fit, or the evaluation after it), except `perf/peak_memory_gib`, whose maximum is kept. Tags a run did not
 log (a metric its config does not compute) are simply absent; every `section/name` tag a run logs becomes a
 column, so new metrics appear without changes here.
@@ -19,6 +20,9 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Optional
+
+from lightning_qpeft.callbacks.metrics_file import FILE_NAME as METRICS_FILE
+from lightning_qpeft.callbacks.metrics_file import read_metrics
 
 # The metrics the report knows by name (the project's fixed tags), in the order of results.csv's columns.
 QUALITY_METRICS = ("val/loss", "val/ppl", "test/loss", "test/rouge1", "test/rouge2", "test/rougeL", "test/bleu",
@@ -47,12 +51,12 @@ def higher_is_better(metric: str) -> bool:
 
 
 def find_log_dir(run_dir: Path) -> Optional[Path]:
-    """The run's log folder: where LightningCLI wrote config.yaml, else the newest folder with event files."""
+    """The run's log folder: where LightningCLI wrote config.yaml, else the newest folder with metrics."""
     configs = sorted(run_dir.rglob("config.yaml"), key=lambda p: p.stat().st_mtime)
     if configs:
         return configs[-1].parent
-    events = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
-    return events[-1].parent if events else None
+    found = [*run_dir.rglob(METRICS_FILE), *run_dir.rglob("events.out.tfevents.*")]
+    return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -92,7 +96,8 @@ def collect_cell(cell_dir: Path, returncode: Optional[int]) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "done", "error": "", "error_tail": "", "metrics": {}, "config": ""}
     log_dir = find_log_dir(cell_dir / "run") if (cell_dir / "run").exists() else None
     if log_dir is not None:
-        result["metrics"] = reduce_scalars(read_scalars(log_dir))
+        written = log_dir / METRICS_FILE
+        result["metrics"] = reduce_scalars(read_metrics(written) if written.exists() else read_scalars(log_dir))
         if (log_dir / "config.yaml").exists():
             result["config"] = str(log_dir / "config.yaml")
         if (log_dir / "perf.json").exists():  # the environment the figures come from

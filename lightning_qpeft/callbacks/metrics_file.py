@@ -1,0 +1,76 @@
+"""`metrics.jsonl`: every metric a run logs, as JSON lines beside its logs, whatever logger the run uses.
+
+The CLI adds this logger to every run that has one (TensorBoard by default, or any `--trainer.logger`:
+CSVLogger, WandbLogger, MLFlowLogger): each `log_metrics` call becomes one line `{"step": N, "name": value,
+...}` in `<log_dir>/metrics.jsonl`. The study reads a cell's numbers from that file, so it works with every
+logger, and anyone can read a run's metrics without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+FILE_NAME = "metrics.jsonl"
+
+
+class MetricsFile(Logger):
+    """Append every logged metric to `<log_dir>/metrics.jsonl` (rank zero only).
+
+    Args:
+        log_dir: a callable returning the run's log folder (the trainer's `log_dir`, known once the first
+            logger has made its version folder), or a folder.
+    """
+
+    def __init__(self, log_dir: Any) -> None:
+        super().__init__()
+        self._log_dir = log_dir
+        self._path: Optional[Path] = None
+
+    @property
+    def name(self) -> str:
+        return "metrics_file"
+
+    @property
+    def version(self) -> Union[int, str]:
+        return 0
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            folder = self._log_dir() if callable(self._log_dir) else self._log_dir
+            self._path = Path(folder) / FILE_NAME
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        return self._path
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        row = {"step": step}
+        for key, value in metrics.items():
+            value = float(value.item() if hasattr(value, "item") else value)
+            row[key] = value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Union[dict[str, Any], Namespace], *args: Any, **kwargs: Any) -> None:
+        return  # config.yaml holds the resolved configuration
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """`metrics.jsonl` -> name -> [(step, value), ...] in the order they were logged."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        step = row.pop("step", None)
+        for key, value in row.items():
+            out.setdefault(key, []).append((step if step is not None else -1, float(value)))
+    return out
