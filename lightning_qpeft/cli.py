@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -38,6 +39,7 @@ from lightning_qpeft.callbacks import (
     PreemptionCheckpoint,
 )
 from lightning_qpeft.callbacks.metrics_file import MetricsFile
+from lightning_qpeft.callbacks.progress import QPeftProgressBar
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.model.adapters import complete_run_fields
@@ -75,10 +77,18 @@ class QPeftCLI(LightningCLI):
         # it, saying what differs: a silent override would resume something other than what was asked for.
         return
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(cb, ProgressBar) for cb in [*listed, *callbacks]):
+            callbacks = [*callbacks, QPeftProgressBar()]  # Lightning's bar + tok/s and the run's eta
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.loggers:  # every logged metric also goes to <log_dir>/metrics.jsonl, whatever the logger
-            trainer.loggers = [*trainer.loggers, MetricsFile(lambda: trainer.log_dir or trainer.default_root_dir)]
+            trainer.loggers = [*trainer.loggers, MetricsFile(trainer)]
         return trainer
 
     def before_instantiate_classes(self) -> None:

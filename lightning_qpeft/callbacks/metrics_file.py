@@ -24,13 +24,13 @@ class MetricsFile(Logger):
     """Append every logged metric to `<log_dir>/metrics.jsonl` (rank zero only).
 
     Args:
-        log_dir: a callable returning the run's log folder (the trainer's `log_dir`, known once the first
-            logger has made its version folder), or a folder.
+        trainer: the run's trainer: the file goes to its `log_dir` (known once its first logger has made its
+            version folder), and it reports that logger's version (the progress bar shows one `v_num`).
     """
 
-    def __init__(self, log_dir: Any) -> None:
+    def __init__(self, trainer: Any) -> None:
         super().__init__()
-        self._log_dir = log_dir
+        self._trainer = trainer
         self._path: Optional[Path] = None
 
     @property
@@ -38,14 +38,14 @@ class MetricsFile(Logger):
         return "metrics_file"
 
     @property
-    def version(self) -> Union[int, str]:
-        return 0
+    def version(self) -> Union[int, str, None]:
+        first = self._trainer.loggers[0] if self._trainer.loggers else None
+        return first.version if first is not None and first is not self else None
 
     @property
     def path(self) -> Path:
         if self._path is None:
-            folder = self._log_dir() if callable(self._log_dir) else self._log_dir
-            self._path = Path(folder) / FILE_NAME
+            self._path = Path(self._trainer.log_dir or self._trainer.default_root_dir) / FILE_NAME
             self._path.parent.mkdir(parents=True, exist_ok=True)
         return self._path
 
