@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_qpeft import config_ranges
 from lightning_qpeft.callbacks import (
     AdapterExport,
     EfficiencyMonitor,
@@ -71,6 +72,16 @@ class QPeftCLI(LightningCLI):
         # the config as given and let QPeftModule.on_load_checkpoint refuse a checkpoint that does not match
         # it, saying what differs: a silent override would resume something other than what was asked for.
         return
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # every numeric key in its range, before the seed is set, any class is built or anything loaded
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        config_ranges.check_config(config)
+        base = Path(config.model.base_model).expanduser()
+        if (base / "config.json").is_file():
+            config_ranges.check_positions(config.data.source_max_len, config.data.target_max_len, str(base))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

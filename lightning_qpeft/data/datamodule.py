@@ -21,6 +21,7 @@ tokens and the padding fraction of the first epoch's batches, are logged once pe
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import datasets
@@ -68,7 +69,8 @@ class NLGDataModule(LightningDataModule):
         train_on_source: also compute the loss on the prompt tokens.
         source_max_len: maximum prompt tokens (BOS + template).
         target_max_len: maximum response tokens (output + EOS); at least 1.
-        val_size: validation records split off train when there is no validation file: fraction or count.
+        val_size: validation records split off train when there is no validation file: a fraction in (0, 1)
+            (a float, 0.05) or a record count (an integer, 5). `5.0` is a float >= 1 and refused: write `5`.
         max_train_records: use at most this many training records.
         batch_size: records per training micro-batch.
         eval_batch_size: records per validation/test/predict batch (default: batch_size).
@@ -101,7 +103,7 @@ class NLGDataModule(LightningDataModule):
         train_on_source: bool = False,
         source_max_len: int = 384,
         target_max_len: int = 128,
-        val_size: Union[float, int] = 0.05,
+        val_size: Union[int, float] = 0.05,
         max_train_records: Optional[int] = None,
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
@@ -122,8 +124,9 @@ class NLGDataModule(LightningDataModule):
             raise ValueError(f"data.target_max_len: {target_max_len} leaves no target token; use at least 1")
         if source_max_len < 1:
             raise ValueError(f"data.source_max_len: {source_max_len}; use at least 1")
-        if not (0 < val_size < 1 or (isinstance(val_size, int) and val_size >= 1)):
-            raise ValueError(f"data.val_size: {val_size}; give a fraction in (0, 1) or a record count >= 1")
+        if not (isinstance(val_size, float) and 0 < val_size < 1 or isinstance(val_size, int) and val_size >= 1):
+            raise ValueError(f"data.val_size: {val_size!r}; give a fraction in (0, 1) (a float, e.g. 0.05) or a record "
+                             "count >= 1 (an integer, e.g. 5)")
         if max_train_records is not None and max_train_records < 1:
             raise ValueError(f"data.max_train_records: {max_train_records}; give at least 1, or leave it unset "
                              "for all records")
@@ -201,6 +204,8 @@ class NLGDataModule(LightningDataModule):
             elif split != "test":  # train, and validation split off it when no source has one
                 self._load_train_and_validation()
         self._resolve_template()
+        if "train" in self.records and "train" not in self.tokenized:
+            self._check_targets(self.records["train"])
         for name, ds in self.records.items():
             if name not in self.tokenized and name != "predict":
                 self.tokenized[name] = self._tokenize(ds, name)
@@ -213,10 +218,22 @@ class NLGDataModule(LightningDataModule):
         if validation is None:
             if len(train) < 2:
                 raise DataError(f"data.path: {len(train)} record(s) cannot be split into train and validation")
+            n_val = self.val_size if isinstance(self.val_size, int) else math.ceil(self.val_size * len(train))
+            if n_val >= len(train):
+                raise DataError(f"data.val_size: {self.val_size!r} leaves no training record of the "
+                                f"{len(train)}; give a smaller count or fraction, or a validation file (data.val_path)")
             parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
             train, validation = parts["train"], parts["test"]
             self.source.origins["validation"] = self.source.origins.get("train", "train")
         self.records.update(train=train, validation=validation)
+
+    def _check_targets(self, train: datasets.Dataset) -> None:
+        """Refuse training records whose outputs are all empty: the run would learn only to stop (EOS)."""
+        outputs = column(train, "output")
+        if len(outputs) and not any(o.strip() for o in outputs):
+            origin = self.source.origins.get("train", "train")
+            raise DataError(f"{origin}: every training record's output is empty, so the run would learn only to "
+                            "stop; set data.response_field to the column of the targets")
 
     def _resolve_template(self) -> None:
         if self.template is None:
@@ -293,6 +310,9 @@ class NLGDataModule(LightningDataModule):
         ds = self.tokenized["train"].with_format(None)
         collate = PackCollator() if self.packing else self._pad_collator()
         sampler = self.train_sampler()
+        if len(sampler) == 0:  # the ranges of data.batch_size / data.max_tokens make this unreachable: kept as a guard
+            raise DataError(f"data.batch_size: {self.batch_size} makes no training batch of "
+                            f"{len(self.tokenized['train'])} records; give at least 1")
         self._log_statistics(sampler)
         # StatefulDataLoader: Lightning saves its position (sampler state, batches yielded) in checkpoints,
         # so a resumed run continues with the very batches an unbroken run would have seen.
