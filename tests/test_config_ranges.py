@@ -115,17 +115,20 @@ def alpaca_records(path: Path, n: int = 40) -> str:
                               for i in range(1, n + 1)])
 
 
-def assert_refused(w: Workspace, extra: list[str], match: str, capsys) -> None:
-    """The real command line refuses `extra` with a message matching `match`, fast, and changes nothing."""
+def assert_refused(w: Workspace, extra: list[str], match: str | tuple[str, ...], capsys,
+                   base: list[str] | None = None) -> None:
+    """The real command line (`base`: the workspace's run) refuses `extra` with a message matching `match` (each of
+    them), fast, and changes nothing the earlier run wrote."""
     before = digest(w.run)
     start = time.monotonic()
     with pytest.raises((SystemExit, Exception)) as failure:
-        main(base_args(w) + extra)
+        main((base_args(w) if base is None else base) + extra)
     elapsed = time.monotonic() - start
     message = capsys.readouterr().err if isinstance(failure.value, SystemExit) else str(failure.value)
     if isinstance(failure.value, SystemExit):
         assert failure.value.code == 2, message[-2000:]
-    assert re.search(match, message, flags=re.S), message[-2000:]
+    for m in (match,) if isinstance(match, str) else match:
+        assert re.search(m, message, flags=re.S), message[-2000:]
     assert elapsed < SECONDS, f"{elapsed:.1f} s"
     after = digest(w.run)
     assert {k: after.get(k) for k in before} == before

@@ -13,6 +13,7 @@ Config keys (`data.*`):
                       < 1, or a count); the split is seeded by `seed`
     max_train_records: use only the first N training records (quick runs)
     batch_size, eval_batch_size, num_workers, seed
+    resume_changed_data: resume from a checkpoint trained on other data or batches (`resume.py`; refused unless set)
 
 Records whose target is cut to nothing the loss can see (zero supervised tokens) are dropped with a warning
 naming file and row; records cut by the length limits are counted. Both, with records, tokens, supervised
@@ -34,6 +35,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
                                          tokenize_records)
+from lightning_qpeft.data.resume import FreshStartLoader, check_resume, data_record
 from lightning_qpeft.data.samplers import RecordBatchSampler
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
@@ -82,6 +84,9 @@ class NLGDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the train/validation split, the training order and the built-in task.
         trust_remote_code: passed to the tokenizer loader.
+        resume_changed_data: allow `--ckpt_path` to resume on other training data or batching than the checkpoint
+            was trained on (its record: `resume.data_record`); the loader then starts the epoch's plan of this
+            data from its first batch. Off: such a resume is refused, saying what differs.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class NLGDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         trust_remote_code: bool = False,
+        resume_changed_data: bool = False,
     ) -> None:
         super().__init__()
         if get_task(task).tokens is not None and path is not None:
@@ -160,6 +166,10 @@ class NLGDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        self.resume_changed_data = resume_changed_data
+        self.validation_split_off_train = False
+        self._fresh_start = False  # set by load_state_dict: the loader ignores the checkpoint's position
+        self._record: Optional[dict[str, Any]] = None  # data_record, once per fit
         self.tokenizer: Any = None
         self.records: dict[str, datasets.Dataset] = {}
         self.tokenized: dict[str, datasets.Dataset] = {}
@@ -176,6 +186,7 @@ class NLGDataModule(LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         if stage == "fit":
             self._stats_logged = False
+            self._record = None
         if stage == "predict":
             if self.predict_path is None:
                 raise DataError("data.predict_path: predict needs a file of records to generate for")
@@ -224,6 +235,7 @@ class NLGDataModule(LightningDataModule):
                                 f"{len(train)}; give a smaller count or fraction, or a validation file (data.val_path)")
             parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
             train, validation = parts["train"], parts["test"]
+            self.validation_split_off_train = True
             self.source.origins["validation"] = self.source.origins.get("train", "train")
         self.records.update(train=train, validation=validation)
 
@@ -315,9 +327,25 @@ class NLGDataModule(LightningDataModule):
                             f"{len(self.tokenized['train'])} records; give at least 1")
         self._log_statistics(sampler)
         # StatefulDataLoader: Lightning saves its position (sampler state, batches yielded) in checkpoints,
-        # so a resumed run continues with the very batches an unbroken run would have seen.
-        return StatefulDataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                                  persistent_workers=self.num_workers > 0)
+        # so a resumed run continues with the very batches an unbroken run would have seen (on other data, by
+        # data.resume_changed_data, it starts the plan over: resume.py)
+        return FreshStartLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0, fresh_start=self._fresh_start)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What the training data and batching were (Lightning saves it in every checkpoint; `resume.py`)."""
+        if "train" not in self.tokenized:
+            return {}
+        if self._record is None:
+            self._record = data_record(self)
+        return {"data_record": self._record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: refuse a checkpoint of other data or batching unless data.resume_changed_data is set."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and "train" in self.tokenized:
+            self._fresh_start = check_resume(state_dict, self.state_dict(), self.resume_changed_data)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, collate: Any) -> DataLoader:
         """Evaluation and prediction batches, in the dataset's order."""
