@@ -59,7 +59,8 @@ CASES: list[tuple[str, Callable[[Workspace], str], str, str]] = [
     ("latin-1 text lines", lambda w: put(w, "latin.txt", "name[Café] || Le Café is nice.\n".encode("latin-1")),
      "data.path", r"latin.txt:1: not UTF-8 \(byte 0xe9 at byte offset 8\)"),  # offsets count from 0
     ("invalid UTF-8 in a JSON array",
-     lambda w: put(w, "bad-utf8.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": "\xff", "output": "c"}]'),
+     lambda w: put(w, "bad-utf8.json",
+                   b'[{"instruction": "a", "output": "b"},\n {"instruction": "\xff", "output": "c"}]'),
      "data.path", r"bad-utf8.json:2: not UTF-8 \(byte 0xff"),
     ("UTF-16 with a byte-order mark", lambda w: put(w, "utf16.jsonl", jsonl(GOOD).decode().encode("utf-16")),
      "data.path", r"utf16.jsonl is UTF-16 \(little-endian byte-order mark\), not UTF-8 text; convert it \(iconv"),

@@ -27,7 +27,8 @@ SGD = ["--model.optimizer", "torch.optim.SGD"]
 PAGED = ["--model.optimizer", "bitsandbytes.optim.PagedAdamW32bit"]
 STEP_LR = ["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.init_args.step_size", "10"]
 LINEAR_LR = ["--model.lr_scheduler", "torch.optim.lr_scheduler.LinearLR"]
-COSINE_LR = ["--model.lr_scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--model.lr_scheduler.init_args.T_max", "10"]
+COSINE_LR = ["--model.lr_scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR",
+             "--model.lr_scheduler.init_args.T_max", "10"]
 
 
 def adapter(name: str) -> list[str]:
@@ -97,7 +98,8 @@ ISSUE_CASES = [
     ("validation count written as a float", ["--data.val_size", "5.0"],
      r"data.val_size: 5.0; give a fraction in \(0, 1\) \(a float, e.g. 0.05\) or a record count >= 1 \(an integer"),
     ("validation count of every record",
-     lambda w: ["--data.task", "alpaca", "--data.path", alpaca_records(w.files / "forty.jsonl"), "--data.val_size", "40"],
+     lambda w: ["--data.task", "alpaca", "--data.path", alpaca_records(w.files / "forty.jsonl"),
+                "--data.val_size", "40"],
      r"data.val_size: 40 leaves no training record of the 40; give a smaller count"),
     ("seed outside numpy's range", ["--seed_everything", "-1"], r"seed_everything: -1; give an integer in \[0, "),
     ("records longer than the model's positions", ["--data.source_max_len", "500"],
@@ -105,7 +107,8 @@ ISSUE_CASES = [
      r"model.base_model \(.*max_position_embeddings\); lower them"),
     ("every target empty",
      lambda w: ["--data.task", "alpaca", "--data.path",
-                w.write("empty-targets.jsonl", '{"instruction": "a", "output": ""}\n{"instruction": "b", "output": " "}\n')],
+                w.write("empty-targets.jsonl",
+                        '{"instruction": "a", "output": ""}\n{"instruction": "b", "output": " "}\n')],
      r"empty-targets.jsonl: every training record's output is empty, so the run would learn only to stop"),
 ]
 
@@ -194,7 +197,8 @@ def test_every_numeric_key_of_every_run_config_has_a_range(config, tiny_model_di
     their values are in range. peft's own fields are peft's to check, except those our adapter configs set."""
     cfg = parsed("--config", str(config), "--model.base_model", tiny_model_dir)
     unruled = [k for k, v in numeric_leaves(cfg).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("model.adapter.init_args.")
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and not k.startswith("model.adapter.init_args.")
                and rule_for(k, cfg) is None]
     assert not unruled, f"numeric keys without a range: {unruled}; add them to config_ranges.RULES"
     check_config(cfg)

@@ -62,7 +62,8 @@ def bad_jsonl(root: Path) -> list[str]:
 FAILURES = [
     ("a data file that does not parse", bad_jsonl, r"cannot parse .*bad.jsonl:2"),
     ("a resume on other batches",
-     lambda root: ["--data.batch_size", "8", "--ckpt_path", str(root / "lightning_logs/version_0/checkpoints/last.ckpt")],
+     lambda root: ["--data.batch_size", "8",
+                   "--ckpt_path", str(root / "lightning_logs/version_0/checkpoints/last.ckpt")],
      r"data.batch_size: checkpoint 16 vs this run 8"),
     ("a checkpoint of another adapter",
      lambda root: ["--model.adapter.init_args.r", "4",

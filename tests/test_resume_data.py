@@ -37,7 +37,8 @@ CHANGES = [
      r"data.batch_size: checkpoint 16 vs this run None\n  data.max_tokens: checkpoint None vs this run 1024"),
     ("fewer records", ["--data.max_train_records", "32"],
      r"data.max_train_records: checkpoint 64 vs this run 32\n.*training records: checkpoint 64 vs this run 32"),
-    ("another task's data", lambda w: ["--data.task", "alpaca", "--data.path", write_jsonl(w.files / "a.jsonl", RECORDS)],
+    ("another task's data",
+     lambda w: ["--data.task", "alpaca", "--data.path", write_jsonl(w.files / "a.jsonl", RECORDS)],
      r"data.task: checkpoint 'synthetic-e2e' vs this run 'alpaca'"),
 ]
 REFUSAL = r"ckpt_path: the checkpoint was trained on other data or batches than this run's:\n  .*\nits saved place " \

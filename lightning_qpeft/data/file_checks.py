@@ -21,7 +21,6 @@ import codecs
 import csv
 import os
 from pathlib import Path
-from typing import Optional
 
 from lightning_qpeft.data.errors import DataError
 

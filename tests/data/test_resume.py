@@ -1,4 +1,5 @@
-"""The data record of a checkpoint and the resume check (`data/resume.py`); through the CLI: tests/test_resume_data.py."""
+"""The data record of a checkpoint and the resume check (`data/resume.py`); through the CLI:
+tests/test_resume_data.py."""
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_check_resume_refuses_warns_or_passes():
     assert check_resume(same, same, allow_changed=False) is False
     with pytest.raises(ValueError, match=r"data.batch_size: checkpoint 8 vs this run 4\n.*resume_changed_data=true"):
         check_resume(same, other, allow_changed=False)
-    with pytest.warns(UserWarning, match=r"data.resume_changed_data=true: .*data.batch_size: checkpoint 8 vs this run 4"):
+    with pytest.warns(UserWarning, match=r"resume_changed_data=true: .*data.batch_size: checkpoint 8 vs this run 4"):
         assert check_resume(same, other, allow_changed=True) is True
     with pytest.warns(UserWarning, match="records no training data"):
         assert check_resume({}, other, allow_changed=False) is False
