@@ -82,7 +82,7 @@ class QPeftCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         config_ranges.check_config(config)
         base = Path(config.model.base_model).expanduser()
-        if (base / "config.json").is_file():
+        if subcommand and (base / "config.json").is_file():  # a run (not an instantiation: run=False) of this model
             config_ranges.check_positions(config.data.source_max_len, config.data.target_max_len, str(base))
 
     def before_instantiate_classes(self) -> None:
