@@ -6,13 +6,16 @@ file at the checkpoint's path. `AtomicCheckpointIO` writes beside the target, fs
 with `torch.load(weights_only=True)` so a crafted checkpoint cannot run code (our checkpoints hold tensors
 and plain data only: see `QPeftModule.on_save_checkpoint`).
 
-The CLI installs it by default (`trainer.plugins`).
+The CLI installs it by default (`trainer.plugins`). `checkpoint_problem` tells a torn file (truncated, or a
+member whose CRC does not match) from an intact one without unpickling it: `--ckpt_path last` skips torn ones.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import zipfile
 from typing import Any, Optional
 
 import torch
@@ -44,6 +47,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint") from None
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint ({e})") from None
+
+
+CRC_CHECKED_BYTES = 64 << 20  # members up to this size are read whole to check their CRC (tensors beyond: sizes)
+
+
+def checkpoint_problem(path: _PATH) -> Optional[str]:
+    """Why a checkpoint file is torn (None: it looks intact).
+
+    torch.save writes a zip archive: a truncated file has no central directory, and a member whose bytes changed
+    fails its CRC-32. Members up to `CRC_CHECKED_BYTES` (the pickle and an adapter's tensors) are read whole;
+    larger ones (a fully fine-tuned model's) are only checked to lie within the file.
+    """
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.file_size <= CRC_CHECKED_BYTES:
+                    archive.read(info)
+                elif info.header_offset + info.compress_size > size:
+                    return f"{info.filename} runs past the end of the file"
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def rng_states() -> dict[str, Any]:

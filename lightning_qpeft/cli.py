@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_qpeft import config_ranges
 from lightning_qpeft.callbacks import (
     AdapterExport,
     EfficiencyMonitor,
@@ -40,8 +41,10 @@ from lightning_qpeft.callbacks import (
 )
 from lightning_qpeft.callbacks.metrics_file import MetricsFile
 from lightning_qpeft.callbacks.progress import QPeftProgressBar
+from lightning_qpeft.checkpointing import checkpoint_problem
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
+from lightning_qpeft.failed_runs import removed_if_failed_early
 from lightning_qpeft.model.adapters import complete_run_fields
 from lightning_qpeft.model.module import QPeftModule
 
@@ -91,6 +94,16 @@ class QPeftCLI(LightningCLI):
             trainer.loggers = [*trainer.loggers, MetricsFile(trainer)]
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # every numeric key in its range, before the seed is set, any class is built or anything loaded
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        config_ranges.check_config(config)
+        base = Path(config.model.base_model).expanduser()
+        if subcommand and (base / "config.json").is_file():  # a run (not an instantiation: run=False) of this model
+            config_ranges.check_positions(config.data.source_max_len, config.data.target_max_len, str(base))
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.model.adapter is not None:
@@ -112,6 +125,11 @@ class QPeftCLI(LightningCLI):
         if self.config_init["fit"].get("ckpt_path") == "last":
             self.config_init["fit"]["ckpt_path"] = find_last_checkpoint(self.trainer)
 
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit`; a run that fails before training leaves no version folder (`failed_runs.py`)."""
+        with removed_if_failed_early(self.trainer):
+            self.trainer.fit(**kwargs)
+
 
 def check_writable(folder: str, key: str) -> None:
     """Refuse, before any model loads, an output folder the run could not write to."""
@@ -125,7 +143,7 @@ def check_writable(folder: str, key: str) -> None:
 
 
 def find_last_checkpoint(trainer: Any) -> Optional[str]:
-    """`--ckpt_path last`: the newest last*.ckpt of this run's checkpoint folders, or None (a fresh start).
+    """`--ckpt_path last`: the newest intact last*.ckpt of this run's checkpoint folders, or None (a fresh start).
 
     Lightning looks for "last" only in the new run's own version folder, which a restarted job has not
     written yet; a preempted or killed run is resumed from the folder of the run it continues. The folders
@@ -133,7 +151,9 @@ def find_last_checkpoint(trainer: Any) -> Optional[str]:
     then the logger's versions (`<save_dir>/<name>/version_*/checkpoints`), then
     `<default_root_dir>/checkpoints` (no logger). Nothing wider: `default_root_dir` may hold other runs.
     With none found the run starts from scratch, as Lightning's own "last" does, so that a job script can
-    pass `--ckpt_path last` on its first launch and on every requeue.
+    pass `--ckpt_path last` on its first launch and on every requeue. A torn last*.ckpt (a disk that filled,
+    a copy cut short: `checkpointing.checkpoint_problem`) is passed over, with a warning, for the newest intact
+    checkpoint of the same folders; if none is intact the run is refused rather than started over.
     """
     searched = []
     for cb in trainer.checkpoint_callbacks:
@@ -146,10 +166,26 @@ def find_last_checkpoint(trainer: Any) -> Optional[str]:
     for folder, pattern in searched:
         found = [p for p in folder.glob(pattern) if p.is_file()] if folder.is_dir() else []
         if found:
-            return str(max(found, key=lambda p: p.stat().st_mtime))
+            return _newest_intact(max(found, key=lambda p: p.stat().st_mtime), folder, pattern)
     rank_zero_warn("ckpt_path=last: no last*.ckpt under " + ", ".join(str(f) for f, _ in searched)
                    + "; training starts from scratch")
     return None
+
+
+def _newest_intact(last: Path, folder: Path, pattern: str) -> str:
+    """`last` if intact, else the newest intact checkpoint beside it (any name), with a warning; refused if none."""
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return str(last)
+    others = sorted((p for p in folder.glob(pattern.replace("last*", "*")) if p.is_file() and p != last),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in others:
+        if checkpoint_problem(candidate) is None:
+            rank_zero_warn(f"ckpt_path=last: {last} is torn ({problem}); resuming from {candidate}, the newest intact "
+                           "checkpoint")
+            return str(candidate)
+    raise ValueError(f"ckpt_path=last: {last} is torn ({problem}) and no other checkpoint under {folder} is intact; "
+                     "pass --ckpt_path FILE, or move the torn file away to start from scratch")
 
 
 def _tokenizer_of(base_model: str, tokenizer: Any) -> str:

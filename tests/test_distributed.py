@@ -91,6 +91,30 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tiny_model_dir, tm
     assert one[-1] < one[0] - 0.5  # it trained
 
 
+def test_two_ranks_accumulating_train_as_one_process_with_the_global_batch(tiny_model_dir, tmp_path):
+    # 2 ranks x 2 micro-batches x 2 records = 1 process x 8 records: the same records each step (the sampler) and
+    # the loss of the step the mean over all their answer tokens, across ranks and micro-batches
+    # (model/accumulation.py): the same curve up to fp32 rounding
+    def run(devices, batch, accumulate):
+        root = tmp_path / f"{devices}x{batch}x{accumulate}"
+        cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+               "--model.base_model", tiny_model_dir, "--trainer.accelerator", "cpu", "--trainer.devices",
+               str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.max_steps", "6",
+               "--trainer.accumulate_grad_batches", str(accumulate), "--trainer.log_every_n_steps", "1",
+               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--adapter_export.enabled",
+               "false", "--trainer.default_root_dir", str(root), "--data.max_train_records", "400",
+               "--data.batch_size", str(batch)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [v for _, v in scalars(root / "lightning_logs" / "version_0")["train/loss"]]
+
+    one, accumulated = run(1, 8, 1), run(2, 2, 2)
+    assert len(one) == len(accumulated) == 6
+    torch.testing.assert_close(accumulated, one, rtol=0, atol=1e-4)
+    assert one[-1] < one[0]  # it trained
+
+
 @pytest.mark.parametrize("strategy,where,rel,devices", WHERE)
 def test_resume_from_a_checkpoint_ends_as_the_unbroken_run(tiny_model_dir, tmp_path, strategy, where, rel, devices):
     # rank 0 writes the adapter-only checkpoint (under FSDP gathered from the shards); every rank restores

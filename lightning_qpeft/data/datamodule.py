@@ -13,6 +13,7 @@ Config keys (`data.*`):
                       < 1, or a count); the split is seeded by `seed`
     max_train_records: use only the first N training records (quick runs)
     batch_size, eval_batch_size, num_workers, seed
+    resume_changed_data: resume from a checkpoint trained on other data or batches (`resume.py`; refused unless set)
 
 Records whose target is cut to nothing the loss can see (zero supervised tokens) are dropped with a warning
 naming file and row; records cut by the length limits are counted. Both, with records, tokens, supervised
@@ -21,6 +22,7 @@ tokens and the padding fraction of the first epoch's batches, are logged once pe
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import datasets
@@ -34,6 +36,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_qpeft.core.tokens import cut_at_stop, stop_token_ids
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
                                          tokenize_records)
+from lightning_qpeft.data.resume import FreshStartLoader, check_resume, data_record
 from lightning_qpeft.data.samplers import RecordBatchSampler
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
 from lightning_qpeft.data.templates import get_template
@@ -69,7 +72,8 @@ class NLGDataModule(LightningDataModule):
         train_on_source: also compute the loss on the prompt tokens.
         source_max_len: maximum prompt tokens (BOS + template).
         target_max_len: maximum response tokens (output + EOS); at least 1.
-        val_size: validation records split off train when there is no validation file: fraction or count.
+        val_size: validation records split off train when there is no validation file: a fraction in (0, 1)
+            (a float, 0.05) or a record count (an integer, 5). `5.0` is a float >= 1 and refused: write `5`.
         max_train_records: use at most this many training records.
         batch_size: records per training micro-batch.
         eval_batch_size: records per validation/test/predict batch (default: batch_size).
@@ -81,6 +85,9 @@ class NLGDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the train/validation split, the training order and the built-in task.
         trust_remote_code: passed to the tokenizer loader.
+        resume_changed_data: allow `--ckpt_path` to resume on other training data or batching than the checkpoint
+            was trained on (its record: `resume.data_record`); the loader then starts the epoch's plan of this
+            data from its first batch. Off: such a resume is refused, saying what differs.
     """
 
     def __init__(
@@ -102,7 +109,7 @@ class NLGDataModule(LightningDataModule):
         train_on_source: bool = False,
         source_max_len: int = 384,
         target_max_len: int = 128,
-        val_size: Union[float, int] = 0.05,
+        val_size: Union[int, float] = 0.05,
         max_train_records: Optional[int] = None,
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
@@ -113,6 +120,7 @@ class NLGDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         trust_remote_code: bool = False,
+        resume_changed_data: bool = False,
     ) -> None:
         super().__init__()
         if get_task(task).tokens is not None and path is not None:
@@ -123,8 +131,9 @@ class NLGDataModule(LightningDataModule):
             raise ValueError(f"data.target_max_len: {target_max_len} leaves no target token; use at least 1")
         if source_max_len < 1:
             raise ValueError(f"data.source_max_len: {source_max_len}; use at least 1")
-        if not (0 < val_size < 1 or (isinstance(val_size, int) and val_size >= 1)):
-            raise ValueError(f"data.val_size: {val_size}; give a fraction in (0, 1) or a record count >= 1")
+        if not (isinstance(val_size, float) and 0 < val_size < 1 or isinstance(val_size, int) and val_size >= 1):
+            raise ValueError(f"data.val_size: {val_size!r}; give a fraction in (0, 1) (a float, e.g. 0.05) or a record "
+                             "count >= 1 (an integer, e.g. 5)")
         if max_train_records is not None and max_train_records < 1:
             raise ValueError(f"data.max_train_records: {max_train_records}; give at least 1, or leave it unset "
                              "for all records")
@@ -158,6 +167,10 @@ class NLGDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        self.resume_changed_data = resume_changed_data
+        self.validation_split_off_train = False
+        self._fresh_start = False  # set by load_state_dict: the loader ignores the checkpoint's position
+        self._record: Optional[dict[str, Any]] = None  # data_record, once per fit
         self.tokenizer: Any = None
         self.records: dict[str, datasets.Dataset] = {}
         self.tokenized: dict[str, datasets.Dataset] = {}
@@ -174,6 +187,7 @@ class NLGDataModule(LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         if stage == "fit":
             self._stats_logged = False
+            self._record = None
         if stage == "predict":
             if self.predict_path is None:
                 raise DataError("data.predict_path: predict needs a file of records to generate for")
@@ -202,6 +216,8 @@ class NLGDataModule(LightningDataModule):
             elif split != "test":  # train, and validation split off it when no source has one
                 self._load_train_and_validation()
         self._resolve_template()
+        if "train" in self.records and "train" not in self.tokenized:
+            self._check_targets(self.records["train"])
         for name, ds in self.records.items():
             if name not in self.tokenized and name != "predict":
                 self.tokenized[name] = self._tokenize(ds, name)
@@ -214,10 +230,23 @@ class NLGDataModule(LightningDataModule):
         if validation is None:
             if len(train) < 2:
                 raise DataError(f"data.path: {len(train)} record(s) cannot be split into train and validation")
+            n_val = self.val_size if isinstance(self.val_size, int) else math.ceil(self.val_size * len(train))
+            if n_val >= len(train):
+                raise DataError(f"data.val_size: {self.val_size!r} leaves no training record of the "
+                                f"{len(train)}; give a smaller count or fraction, or a validation file (data.val_path)")
             parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
             train, validation = parts["train"], parts["test"]
+            self.validation_split_off_train = True
             self.source.origins["validation"] = self.source.origins.get("train", "train")
         self.records.update(train=train, validation=validation)
+
+    def _check_targets(self, train: datasets.Dataset) -> None:
+        """Refuse training records whose outputs are all empty: the run would learn only to stop (EOS)."""
+        batches = train.select_columns(["output"]).iter(batch_size=4096)  # stops at the first non-empty batch
+        if len(train) and not any(o.strip() for batch in batches for o in batch["output"]):
+            origin = self.source.origins.get("train", "train")
+            raise DataError(f"{origin}: every training record's output is empty, so the run would learn only to "
+                            "stop; set data.response_field to the column of the targets")
 
     def _resolve_template(self) -> None:
         if self.template is None:
@@ -294,11 +323,30 @@ class NLGDataModule(LightningDataModule):
         ds = self.tokenized["train"].with_format(None)
         collate = PackCollator() if self.packing else self._pad_collator()
         sampler = self.train_sampler()
+        if len(sampler) == 0:  # the ranges of data.batch_size / data.max_tokens make this unreachable: kept as a guard
+            raise DataError(f"data.batch_size: {self.batch_size} makes no training batch of "
+                            f"{len(self.tokenized['train'])} records; give at least 1")
         self._log_statistics(sampler)
         # StatefulDataLoader: Lightning saves its position (sampler state, batches yielded) in checkpoints,
-        # so a resumed run continues with the very batches an unbroken run would have seen.
-        return StatefulDataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                                  persistent_workers=self.num_workers > 0)
+        # so a resumed run continues with the very batches an unbroken run would have seen (on other data, by
+        # data.resume_changed_data, it starts the plan over: resume.py)
+        return FreshStartLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0, fresh_start=self._fresh_start)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What the training data and batching were (Lightning saves it in every checkpoint; `resume.py`)."""
+        if "train" not in self.tokenized:
+            return {}
+        if self._record is None:
+            self._record = data_record(self)
+        return {"data_record": self._record}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: refuse a checkpoint of other data or batching unless data.resume_changed_data is set."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and "train" in self.tokenized:
+            self._fresh_start = check_resume(state_dict, self.state_dict(), self.resume_changed_data)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, collate: Any) -> DataLoader:
         """Evaluation and prediction batches, in the dataset's order."""

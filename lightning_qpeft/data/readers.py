@@ -3,9 +3,11 @@
 Config keys (`data.*`): path, val_path, test_path, predict_path (the files; `sources.py` decides what the
 columns mean).
 
-Formats, by suffix: `.json` (an array of objects, or JSON lines), `.jsonl`, `.csv`, `.tsv` (header row;
-quoted fields may hold CRLF line breaks, every column is read as text), `.parquet`, and `.txt` (one record
-a line, e.g. the LoRA paper's `mr || ref` E2E files).
+Formats, by suffix: `.json` (an array of objects, or JSON lines), `.jsonl`, `.csv` (header row; RFC 4180
+quoting: quoted fields may hold commas and CRLF line breaks), `.tsv` (header row; no quoting: every field is
+taken literally, so it holds no tab or line break), `.parquet`, and `.txt` (one record a line, e.g. the LoRA
+paper's `mr || ref` E2E files). CSV and TSV columns are all read as text. Text files must be UTF-8; the path,
+the encoding, NUL bytes, stray CSV quotes and duplicate column names are checked first (`file_checks.py`).
 
 Everything goes through `datasets.load_dataset`, which parses the file once into an Arrow cache and then
 memory-maps it: a million-record file is not held in RAM as Python objects. (A JSON *array* is the one
@@ -22,6 +24,7 @@ from pathlib import Path
 import datasets
 
 from lightning_qpeft.data.errors import DataError  # one class for every reader (MMLU's too)
+from lightning_qpeft.data.file_checks import TEXT_SUFFIXES, check_csv_quotes, check_header, check_path, check_text
 
 # suffix -> datasets builder
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -44,13 +47,16 @@ def read_file(path: str | Path, key: str = "data.path") -> datasets.Dataset:
         DataError: the file is missing, empty, of an unknown type, or does not parse (with file:line).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{key}: no such file: {str(path)!r}")
+    check_path(path, key)
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{key}: {str(path)!r}: unknown file type; use one of {', '.join(BUILDERS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{key}: {path} is empty")
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        check_text(path, key)
+    if path.suffix.lower() == ".csv":
+        check_csv_quotes(path, key)
     kwargs: dict = {}
     if builder == "csv":
         kwargs = _csv_kwargs(path, key)
@@ -68,14 +74,22 @@ def read_file(path: str | Path, key: str = "data.path") -> datasets.Dataset:
 
 
 def _csv_kwargs(path: Path, key: str) -> dict:
-    """Every column as text (ids stay strings, 'NA' stays 'NA'); the header names the columns."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    """Every column as text (ids stay strings, 'NA' stays 'NA'); the header names the columns; TSV unquoted."""
+    tsv = path.suffix.lower() == ".tsv"
     with open(path, encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+        header = next(csv.reader(f, **_dialect(tsv)), None)
     if not header or not any(h.strip() for h in header):
         raise DataError(f"{key}: {path}:1: no header row")
+    check_header(header, path, key)
     features = datasets.Features({name: datasets.Value("string") for name in header})
-    return dict(delimiter=delimiter, encoding="utf-8-sig", keep_default_na=False, na_filter=False, features=features)
+    quoting = dict(quoting=csv.QUOTE_NONE) if tsv else {}
+    return dict(delimiter=_dialect(tsv)["delimiter"], encoding="utf-8-sig", keep_default_na=False, na_filter=False,
+                features=features, **quoting)
+
+
+def _dialect(tsv: bool) -> dict:
+    """csv module arguments: TSV fields are literal (no quote processing), CSV's are RFC 4180."""
+    return dict(delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else dict(delimiter=",")
 
 
 def _error_location(path: Path, error: Exception) -> str:
@@ -98,7 +112,7 @@ def _error_location(path: Path, error: Exception) -> str:
         return f"{path}: {_root_cause(error)}"
     if suffix in (".csv", ".tsv"):
         try:
-            rows = csv.reader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
+            rows = csv.reader(text.splitlines(keepends=True), **_dialect(suffix == ".tsv"))
             width = None
             for lineno, row in enumerate(rows, 1):
                 width = width if width is not None else len(row)

@@ -39,6 +39,7 @@ from lightning_qpeft.checkpointing import rng_states, set_rng_states
 from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.distributed import check_flattenable, fsdp_param_dtype, global_token_mean
 from lightning_qpeft.model import compat
+from lightning_qpeft.model.accumulation import TokenMeanAccumulator, world_tokens
 from lightning_qpeft.model.adapters import (
     AdapterConfig,
     adapter_to_dict,
@@ -202,6 +203,7 @@ class QPeftModule(LightningModule):
         self.strict_loading = False  # checkpoints hold trainable tensors only (checked in on_load_checkpoint)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self.accumulator = TokenMeanAccumulator()
 
     # ----------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -367,10 +369,22 @@ class QPeftModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n = self._step(batch)
         logged = loss
-        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+        distributed = self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized()
+        if distributed:
             loss, logged = global_token_mean(loss, n, self.trainer.world_size)
+        if self._accumulates():  # the step's loss: the mean over all its micro-batches' tokens (accumulation.py)
+            return self.accumulator.add(loss, world_tokens(n) if distributed else n, logged)
         self.log("train/loss", logged, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._accumulates():
+            mean = self.accumulator.finish(optimizer, self.trainer.accumulate_grad_batches)
+            if mean is not None:
+                self.log("train/loss", mean, prog_bar=True)
+
+    def _accumulates(self) -> bool:
+        return self._trainer is not None and self.trainer.accumulate_grad_batches > 1
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n = self._step(batch)

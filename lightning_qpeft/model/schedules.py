@@ -8,7 +8,9 @@ Config key: `model.lr_scheduler`, e.g.
 
 torch has no single warmup-then-cosine class that takes only the optimizer (SequentialLR needs scheduler
 objects), and `transformers.get_cosine_schedule_with_warmup` needs the total steps up front; this class gets
-them from `trainer.estimated_stepping_batches` in `QPeftModule.configure_optimizers`.
+them from `trainer.estimated_stepping_batches` in `QPeftModule.configure_optimizers`. A warm-up that does not
+end before the run does is warned about (short test runs of a config made for a long one are legitimate);
+ranges of the fields are checked by the CLI before anything loads (`config_ranges.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -43,12 +46,23 @@ class WarmupCosineLR(LambdaLR):
             raise ValueError(f"model.lr_scheduler.decay: {decay!r}; choose cosine or constant")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+        if total_steps is not None:
+            self._check_warmup("model.lr_scheduler.init_args.total_steps")
         self.min_lr_ratio = min_lr_ratio
         self.decay = decay
         super().__init__(optimizer, self._factor)
 
     def set_total_steps(self, total_steps: int) -> None:
         self.total_steps = max(1, total_steps)
+        self._check_warmup("trainer.max_steps / trainer.max_epochs")
+
+    def _check_warmup(self, keys: str) -> None:
+        if self.total_steps is not None and self.warmup_steps >= self.total_steps:
+            rank_zero_warn(
+                f"model.lr_scheduler.init_args.warmup_steps: {self.warmup_steps} is not below the run's "
+                f"{self.total_steps} optimizer steps ({keys}): the learning rate never reaches its peak; lower "
+                "warmup_steps or lengthen the run"
+            )
 
     def _factor(self, step: int) -> float:
         if step < self.warmup_steps:
