@@ -5,6 +5,7 @@ Config keys (`data.*`):
     task, path, val_path, test_path, hub_id, hub_config, hub_kwargs, *_field: which records (`sources.py`)
     predict_path:     records to generate for in `predict` (their `output` is optional)
     template:         prompt template (`templates.py`); default: the task's (or what its file layout implies)
+    train_on, system_prompt, chat_template: conversations and `template: chat` (`chat_tokens.py`)
     train_on_source, source_max_len, target_max_len: see `collate.py`
     packing:          train on padding-free packed rows (`collate.PackCollator`); validation stays padded
     pad_to_multiple_of: round padded batches' length up to a multiple of this (fewer distinct shapes)
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_qpeft.core.tokens import cut_at_stop, stop_token_ids
+from lightning_qpeft.data.chat_tokens import ChatOptions, conversation_prompts, prepare_chat, tokenize_conversations
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
                                          tokenize_records)
 from lightning_qpeft.data.resume import FreshStartLoader, check_resume, data_record
@@ -69,6 +71,9 @@ class NLGDataModule(LightningDataModule):
         response_field: source column of the canonical `output` (the target).
         references_field: source column of the references (a list of strings) for generation metrics.
         template: prompt template name (alpaca, plain, summarization, data_to_text, chat).
+        train_on: which assistant turns of a conversation the loss covers: all, or the last.
+        system_prompt: system turn of every conversation without one (None: the chat template's default).
+        chat_template: None (the tokenizer's own), chatml (the built-in default), a Jinja file or Jinja text.
         train_on_source: also compute the loss on the prompt tokens.
         source_max_len: maximum prompt tokens (BOS + template).
         target_max_len: maximum response tokens (output + EOS); at least 1.
@@ -106,6 +111,9 @@ class NLGDataModule(LightningDataModule):
         response_field: Optional[str] = None,
         references_field: Optional[str] = None,
         template: Optional[str] = None,
+        train_on: str = "all",
+        system_prompt: Optional[str] = None,
+        chat_template: Optional[str] = None,
         train_on_source: bool = False,
         source_max_len: int = 384,
         target_max_len: int = 128,
@@ -156,6 +164,8 @@ class NLGDataModule(LightningDataModule):
                                  hub_config, hub_kwargs, {k: v for k, v in fields.items() if v}, seed)
         self.template_name = template
         self.template: Any = None
+        self.conversation = ChatOptions(system_prompt, chat_template, train_on)
+        self.chat = False  # records render through the chat template (conversations, or template: chat)
         self.train_on_source = train_on_source
         self.source_max_len, self.target_max_len = source_max_len, target_max_len
         self.val_size = val_size
@@ -251,19 +261,21 @@ class NLGDataModule(LightningDataModule):
     def _resolve_template(self) -> None:
         if self.template is None:
             self.template = get_template(self.template_name or self.source.template or get_task(self.task).template)
+            self.chat = prepare_chat(self.tokenizer, self.template, self.records, self.conversation, self.template_name)
 
     def _tokenize(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        if self.chat:  # one budget for a conversation; cut at turn boundaries (chat_tokens.py)
+            function, kwargs = tokenize_conversations, dict(
+                options=self.conversation, max_len=self.source_max_len + self.target_max_len,
+                origin=self.source.origins.get(split, split))
+        else:
+            function, kwargs = tokenize_records, dict(
+                template=self.template, source_max_len=self.source_max_len, target_max_len=self.target_max_len)
         tokenized = ds.map(
-            tokenize_records,
+            function,
             batched=True,
             remove_columns=ds.column_names,
-            fn_kwargs=dict(
-                tokenizer=self.tokenizer,
-                template=self.template,
-                source_max_len=self.source_max_len,
-                target_max_len=self.target_max_len,
-                train_on_source=self.train_on_source,
-            ),
+            fn_kwargs=dict(tokenizer=self.tokenizer, train_on_source=self.train_on_source, **kwargs),
             desc=f"tokenize {split}",
         )
         # a record the loss cannot see would only add a NaN-prone all-masked row: drop it, say which
@@ -294,10 +306,15 @@ class NLGDataModule(LightningDataModule):
                 return keep
 
             ds = ds.filter(first, input_columns=["instruction", "input"], batched=True, load_from_cache_file=False)
+        if self.chat:
+            function, kwargs = conversation_prompts, dict(options=self.conversation,
+                                                          origin=self.source.origins.get(split, split))
+        else:
+            function, kwargs = tokenize_prompts, dict(template=self.template)
         return ds.map(
-            tokenize_prompts,
+            function,
             batched=True,
-            fn_kwargs=dict(tokenizer=self.tokenizer, template=self.template, source_max_len=self.source_max_len),
+            fn_kwargs=dict(tokenizer=self.tokenizer, source_max_len=self.source_max_len, **kwargs),
             desc="prompts",
         )
 

@@ -2,8 +2,8 @@
 every source is turned into.
 
 Config keys (`data.*`):
-    task:        a name in `TASKS` (synthetic-e2e, alpaca, alpaca-cleaned, dolly, oasst1, samsum, xsum, e2e,
-                 e2e-lora, file, hub)
+    task:        a name in `TASKS` (synthetic-e2e, alpaca, alpaca-cleaned, dolly, oasst1, samsum, samsum-chat,
+                 xsum, e2e, e2e-lora, file, hub)
     path, val_path, test_path: local files of the train / validation / test split (readers.py lists the
                  formats); a given file replaces the task's built-in or hub data for its split
     hub_id, hub_config, hub_kwargs: what `datasets.load_dataset` loads when no `path` is given (default:
@@ -15,7 +15,9 @@ Config keys (`data.*`):
 The canonical record (`CANONICAL`): `instruction` (may be ''), `input` (may be ''), `output` (the target
 text), `references` (every acceptable output, for generation metrics; `[output]` unless the source has
 several) and `row` (the record's 1-based position in its file, for messages). A task knows the column
-layouts its data comes in (`Layout`) and picks the first that fits the file's columns.
+layouts its data comes in (`Layout`) and picks the first that fits the file's columns. Conversations
+(`messages`, ShareGPT, OASST trees: `conversations.py`) are recognised for every task and add a `messages`
+column.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import datasets
 
+from lightning_qpeft.data.conversations import CONVERSATIONS, OASST_TABLE, OASST_TREES, SAMSUM_CHAT, ConversationLayout
 from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.random_tokens import random_token_splits
 from lightning_qpeft.data.readers import read_file, record_word
@@ -99,7 +102,7 @@ E2E_TEST_CSV = Layout("MR", {"input": "MR", "output": "ref"})  # testset.csv: up
 E2E_HUB = Layout("meaning_representation/human_reference",
                  {"input": "meaning_representation", "output": "human_reference"})
 LORA_E2E = Layout("mr||ref text", {"input": "text", "output": "text"}, convert=_lora_e2e)
-GENERIC = (ALPACA, INPUT_OUTPUT, PROMPT_COMPLETION)
+GENERIC = (*CONVERSATIONS, ALPACA, INPUT_OUTPUT, PROMPT_COMPLETION)
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,11 @@ TASKS: dict[str, Task] = {
         Task("alpaca-cleaned", "alpaca", (ALPACA,), "yahma/alpaca-cleaned", description="Alpaca, cleaned"),
         Task("dolly", "alpaca", (DOLLY, DOLLY_PROMPT), "databricks/databricks-dolly-15k",
              description="Dolly 15k (instruction/context/response), or its prompt/answer exports"),
-        Task("oasst1", "plain", (OASST1,), "timdettmers/openassistant-guanaco",
-             description="OASST1 top conversations as QLoRA trains on them (a `text` field)"),
+        Task("oasst1", "plain", (OASST_TABLE, OASST_TREES, OASST1), "timdettmers/openassistant-guanaco",
+             description="OASST1 top conversations as QLoRA trains on them (a `text` field), or its message trees"),
         Task("samsum", "summarization", (SAMSUM,), "Samsung/samsum", description="SAMSum dialogue summaries"),
+        Task("samsum-chat", "chat", (SAMSUM_CHAT,), "Samsung/samsum",
+             description="SAMSum as two-exchange conversations: the summary, then who took part"),
         Task("xsum", "summarization", (XSUM, CNN), "EdinburghNLP/xsum",
              description="XSum-style document/summary (or article/highlights) files"),
         Task("e2e", "data_to_text", (E2E_CSV, E2E_TEST_CSV, E2E_HUB), "tuetschek/e2e_nlg", group_references=True,
@@ -236,7 +241,8 @@ def _field_layout(task: Task, fields: dict[str, str], columns: set[str], origin:
 
 
 def canonicalise(ds: datasets.Dataset, task: Task, origin: str, word: str = "record",
-                 fields: Optional[dict[str, str]] = None, need_output: bool = True) -> tuple[datasets.Dataset, Layout]:
+                 fields: Optional[dict[str, str]] = None,
+                 need_output: bool = True) -> tuple[datasets.Dataset, Layout | ConversationLayout]:
     """Raw records -> canonical records (`CANONICAL` columns only), and the layout that was recognised.
 
     Runs as a batched `datasets.map`, so a file-backed dataset is converted into another memory-mapped
@@ -258,6 +264,8 @@ def canonicalise(ds: datasets.Dataset, task: Task, origin: str, word: str = "rec
                 f"{sorted(columns)}; expected one of: {expected}); name the columns with data.prompt_field, "
                 "data.response_field, data.instruction_field"
             )
+    if isinstance(layout, ConversationLayout):
+        return layout.canonicalise(ds, origin, word, need_output), layout
     if need_output and "output" not in layout.columns:
         raise DataError(f"{origin}: no 'output' field; set data.response_field to the column of the targets")
     ds = ds.map(
@@ -372,7 +380,7 @@ class TaskSource:
         self._note_template(layout)
         return ds
 
-    def _note_template(self, layout: Layout) -> None:
+    def _note_template(self, layout: Layout | ConversationLayout) -> None:
         if self.template is None:
             self.template = layout.template or self.task.template
 

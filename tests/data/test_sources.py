@@ -207,8 +207,9 @@ def test_template_override_and_chat_template_with_a_single_bos(tiny_model_dir, a
 
     dm = NLGDataModule(tiny_model_dir, task="alpaca", path=alpaca_file, val_size=2, template="chat")
     dm.tokenizer = load_tokenizer(tiny_model_dir)
-    dm.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
-                                  "{% if add_generation_prompt %}Assistant: {% endif %}")
+    dm.tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: "
+                                  "{{ m['content'] }}\n{% else %}Assistant: {{ m['content'] + eos_token }}{% endif %}"
+                                  "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
     dm.setup("fit")
     record, row = dm.records["train"][0], dm.tokenized["train"][0]
     user = "\n\n".join(x for x in (record["instruction"], record["input"]) if x)
