@@ -178,6 +178,10 @@ def check_template(tokenizer: Any, options: ChatOptions) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{key}: the tokenizer has no chat template, and conversations are rendered with one; set "
                         "data.chat_template: chatml (ChatML turns closed by the tokenizer's EOS) or a Jinja file")
+    try:
+        render(tokenizer, _PROBE)
+    except ValueError as e:
+        raise DataError(f"{key}: on a two-exchange conversation with a system prompt, {e}") from None
     eot = eot_text(tokenizer)
     if eot is None:
         raise DataError(f"{key}: the template writes no special token after an assistant answer, so a model trained "
