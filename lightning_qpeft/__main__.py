@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "cell, and its report"),
     "fetch": ("lightning_qpeft.fetch:main", "a model or dataset the project knows (SmolLM2, MMLU), checked and "
               "converted"),
+    "chat": ("lightning_qpeft.chat:main", "talk to a base model or a trained adapter in the terminal (or answer "
+             "one --prompt)"),
 }
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train (and validate) a model with an adapter; exports the adapter at the end",

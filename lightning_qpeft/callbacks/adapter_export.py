@@ -6,7 +6,8 @@ Config keys (`adapter_export.*`, a top-level section of the CLI config):
 
 The folder holds `adapter_config.json` and `adapter_model.safetensors` (full fine-tuning: a whole model
 folder, config, safetensors and tokenizer, loadable with `from_pretrained`) and `qpeft_training.json` (the
-base, quantization and method it was trained with: `merge` dequantizes the same quantization). It appears
+base, quantization and method it was trained with: `merge` dequantizes the same quantization; for chat data,
+the chat template when it was not the tokenizer's own and the default system prompt, which `chat` uses). It appears
 atomically. Its size on disk is logged as `adapter/size_bytes`.
 """
 
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_qpeft.core.versions import library_versions
+from lightning_qpeft.data.chat_tokens import training_record
 from lightning_qpeft.model.adapters import TRAINING_FILE
 from lightning_qpeft.utils.atomic import atomic_dir
 
@@ -88,7 +90,8 @@ class AdapterExport(Callback):
             state_dict = {k.removeprefix("model."): v for k, v in trainer.strategy.lightning_module_state_dict().items()}
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-            size = export_model(pl_module.model, path, training_info(pl_module), tokenizer, state_dict)
+            training = {**training_info(pl_module), **training_record(trainer.datamodule)}  # chat renders as trained
+            size = export_model(pl_module.model, path, training, tokenizer, state_dict)
             rank_zero_info(f"adapter exported to {path} ({size / 1024:.1f} KiB)")
             for logger in trainer.loggers:
                 logger.log_metrics({"adapter/size_bytes": size}, step=trainer.global_step)

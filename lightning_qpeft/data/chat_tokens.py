@@ -168,16 +168,22 @@ def eot_text(tokenizer: Any) -> Optional[str]:
     return None if token is None else tokenizer.convert_ids_to_tokens(token)
 
 
-def check_template(tokenizer: Any, options: ChatOptions) -> None:
+def check_template(tokenizer: Any, options: ChatOptions, key: str = "data.chat_template") -> None:
     """Refuse, before any record is tokenized, a tokenizer whose chat template cannot train conversations.
+
+    Args:
+        tokenizer: with the chat template to check.
+        options: the chat options (`chat_template` None: the tokenizer's own template is checked).
+        key: the config key or flag that sets the template, for messages.
 
     Raises:
         DataError: no chat template, no end-of-turn token, or a template that cannot be split into turns.
     """
-    key = "data.chat_template" + ("" if options.chat_template else " (unset: the tokenizer's own template)")
+    name = key
+    key += "" if options.chat_template else " (unset: the tokenizer's own template)"
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{key}: the tokenizer has no chat template, and conversations are rendered with one; set "
-                        "data.chat_template: chatml (ChatML turns closed by the tokenizer's EOS) or a Jinja file")
+                        f"{name} to chatml (ChatML turns closed by the tokenizer's EOS) or to a Jinja file")
     try:
         render(tokenizer, _PROBE)
     except ValueError as e:
@@ -220,8 +226,14 @@ def _exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
     return system, [rest[i:i + 2] for i in range(0, len(rest), 2)]
 
 
-class _Tokenizer:
-    """Renders and tokenizes conversations for one tokenizer (BOS and end-of-turn text looked up once)."""
+class ConversationTokenizer:
+    """Renders and tokenizes conversations for one tokenizer (BOS and end-of-turn text looked up once).
+
+    Args:
+        tokenizer: a tokenizer whose chat template passed `check_template`.
+        options: train_on decides the trained turns (the system prompt is `record_messages`').
+        train_on_source: train on every token.
+    """
 
     def __init__(self, tokenizer: Any, options: ChatOptions, train_on_source: bool) -> None:
         self.tok, self.options, self.train_on_source = tokenizer, options, train_on_source
@@ -283,7 +295,7 @@ def tokenize_conversations(batch: dict[str, list], tokenizer: Any, options: Chat
                            train_on_source: bool, origin: str) -> dict[str, list]:
     """A `datasets.map(batched=True)` function: records -> the columns `collate.tokenize_records` makes
     (input_ids, labels, length, n_supervised, truncated, row), through the chat template."""
-    chat = _Tokenizer(tokenizer, options, train_on_source)
+    chat = ConversationTokenizer(tokenizer, options, train_on_source)
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "length", "n_supervised", "truncated", "row")}
     for record in _records(batch):
         try:
@@ -303,7 +315,7 @@ def conversation_prompts(batch: dict[str, list], tokenizer: Any, options: ChatOp
                          origin: str) -> dict[str, list]:
     """Generation prompts: the conversation up to (not including) its last assistant turn, rendered with the
     generation prompt; that turn is the reference (the record's `output`)."""
-    chat = _Tokenizer(tokenizer, options, False)
+    chat = ConversationTokenizer(tokenizer, options, False)
     out: dict[str, list] = {"input_ids": [], "prompt": []}
     for record in _records(batch):
         messages = record_messages(record, options.system_prompt, with_answer=False)
@@ -343,12 +355,15 @@ def prepare_chat(tokenizer: Any, template: Any, records: dict[str, Any], options
     return True
 
 
-def training_record(options: ChatOptions, tokenizer: Any) -> dict[str, Any]:
-    """What `chat` needs to render as training did, for the adapter's `qpeft_training.json`: the template when
-    it is not the tokenizer's own, and the default system prompt."""
+def training_record(datamodule: Any) -> dict[str, Any]:
+    """What `chat` needs to render as training did, for the adapter's `qpeft_training.json`: the chat template
+    when it is not the tokenizer's own, and the default system prompt ({} for data not rendered as chat)."""
+    if not getattr(datamodule, "chat", False):
+        return {}
+    options: ChatOptions = datamodule.conversation
     out: dict[str, Any] = {}
     if options.chat_template is not None:
-        out["chat_template"] = tokenizer.chat_template
+        out["chat_template"] = datamodule.tokenizer.chat_template
     if options.system_prompt:
         out["system_prompt"] = options.system_prompt
     return out

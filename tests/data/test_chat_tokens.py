@@ -202,7 +202,7 @@ def test_a_template_that_cannot_be_split_is_refused_with_the_reason(tiny_model_d
 
 
 def test_no_chat_template_is_refused_unless_chatml_is_asked_for(tiny_model_dir, tmp_path):
-    with pytest.raises(DataError, match=r"the tokenizer has no chat template.*set data.chat_template: chatml"):
+    with pytest.raises(DataError, match=r"the tokenizer has no chat template.*set data.chat_template to chatml"):
         chat_data(tiny_model_dir, tmp_path)
 
 
