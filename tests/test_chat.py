@@ -1,9 +1,11 @@
 """`chat`: a real terminal session (driven through a pseudo-terminal) and `--prompt` give the answers the model
 gives greedily to the rendered conversation; history, /reset and /exit work; an adapter trained on chat data is
-spoken to with the template and system prompt it was trained with; SmolLM2 answers a real question."""
+spoken to with the template and system prompt it was trained with; SmolLM2 answers a real question. The fit
+that made the adapter is also the earlier run that bad conversation data must leave untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -39,12 +41,17 @@ def fit_args(tiny: str, run: Path, data: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def chat_adapter(tiny_model_dir, tmp_path_factory) -> str:
-    """An adapter fitted (2 steps) on conversations with the chatml default and a system prompt."""
+def chat_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A fit (2 steps) on conversations with the chatml default and a system prompt: its run folder."""
     root = tmp_path_factory.mktemp("chat-run")
     data = write_jsonl(root / "chat.jsonl", [{"messages": conversation(i)} for i in range(8)])
     cli_main(fit_args(tiny_model_dir, root / "run", data))
-    return str(next((root / "run").rglob("adapter_config.json")).parent)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def chat_adapter(chat_run) -> str:
+    return str(next(chat_run.rglob("adapter_config.json")).parent)
 
 
 def expected_session(adapter: str, max_new_tokens: int) -> ChatSession:
@@ -130,3 +137,41 @@ def test_a_tokenizer_without_a_chat_template_needs_one_given(tiny_model_dir):
 def test_smollm2_answers_a_real_question(smollm2_dir, capsys):
     main(["--model.base_model", smollm2_dir, "--prompt", "What is the capital of France?", "--max_new_tokens", "24"])
     assert "Paris" in capsys.readouterr().out
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+GOOD = {"messages": conversation(0)}
+BAD_FIT = [
+    ("no assistant turn", [GOOD, {"messages": [{"role": "user", "content": "hi"}]}], r"bad.jsonl: line 2: no assistant"),
+    ("unknown role", [GOOD, {"messages": [{"role": "bot", "content": "hi"}]}], r"bad.jsonl: line 2: turn 1 has role 'bot'"),
+    ("roles out of order", [GOOD, GOOD, {"messages": conversation(1)[1:]}],
+     r"bad.jsonl: line 3: turn 1 \(assistant\) opens the conversation"),
+    ("empty content", [{"messages": conversation(1)[:3] + [{"role": "assistant", "content": ""}]}],
+     r"bad.jsonl: line 1: turn 4 \(assistant\) has no content"),
+]
+
+
+@pytest.mark.parametrize("rows, match", [b[1:] for b in BAD_FIT], ids=[b[0] for b in BAD_FIT])
+def test_bad_conversations_stop_fit_naming_the_line_and_keep_the_earlier_run(chat_run, tiny_model_dir, rows, match):
+    before = _digest(chat_run)
+    bad = write_jsonl(chat_run.parent / "bad.jsonl", rows * 4 if len(rows) == 1 else rows)
+    with pytest.raises(Exception, match=match):
+        cli_main(fit_args(tiny_model_dir, chat_run, bad))
+    after = _digest(chat_run)
+    assert {k: after.get(k) for k in before} == before  # nothing the earlier run wrote is changed or gone
+
+
+def test_an_unsplittable_template_stops_fit_before_training(chat_run, tiny_model_dir):
+    before = _digest(chat_run)
+    data = write_jsonl(chat_run.parent / "good.jsonl", [GOOD] * 8)
+    args = fit_args(tiny_model_dir, chat_run, data)
+    args[args.index("chatml")] = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    with pytest.raises(Exception, match=r"data.chat_template: the chat template cannot be split into turns: "
+                                        r"add_generation_prompt adds nothing"):
+        cli_main(args)
+    after = _digest(chat_run)
+    assert {k: after.get(k) for k in before} == before  # nothing the earlier run wrote is changed or gone
