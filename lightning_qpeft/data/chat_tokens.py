@@ -184,16 +184,21 @@ def check_template(tokenizer: Any, options: ChatOptions, key: str = "data.chat_t
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{key}: the tokenizer has no chat template, and conversations are rendered with one; set "
                         f"{name} to chatml (ChatML turns closed by the tokenizer's EOS) or to a Jinja file")
+    probe = _PROBE
     try:
-        render(tokenizer, _PROBE)
-    except ValueError as e:
-        raise DataError(f"{key}: on a two-exchange conversation with a system prompt, {e}") from None
+        render(tokenizer, probe)
+    except ValueError:
+        probe = _PROBE[1:]  # some templates refuse system turns (Gemma's); records with one are refused by row
+        try:
+            render(tokenizer, probe)
+        except ValueError as e:
+            raise DataError(f"{key}: on a two-exchange conversation, {e}") from None
     eot = eot_text(tokenizer)
     if eot is None:
         raise DataError(f"{key}: the template writes no special token after an assistant answer, so a model trained "
                         "on it cannot learn where its turn ends; give a template that closes turns with one (chatml)")
     try:
-        text, spans = assistant_spans(tokenizer, _PROBE, eot)
+        text, spans = assistant_spans(tokenizer, probe, eot)
     except ValueError as e:
         raise DataError(f"{key}: the chat template cannot be split into turns: {e}; give one with "
                         "{% generation %} markers, or chatml") from None

@@ -216,3 +216,13 @@ def test_bad_chat_keys_are_refused_at_construction(tiny_model_dir, kw, match):
 def test_conversations_under_a_single_prompt_template_are_refused(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match=r"data.template: 'alpaca' renders single prompts.*unset data.template"):
         chat_data(tiny_model_dir, tmp_path, template="alpaca", chat_template="chatml")
+
+
+def test_a_template_that_refuses_system_turns_trains_without_them_and_names_the_record_with_one(tiny_model_dir,
+                                                                                                 tmp_path):
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}" + CHATML)
+    dm = chat_data(tiny_model_dir, tmp_path, chat_template=no_system)
+    assert len(_runs(dm.tokenized["train"][0]["labels"])) == 3
+    with pytest.raises(DataError, match=r"chat.jsonl: line 1: the chat template fails on it .*System role not supported"):
+        chat_data(tiny_model_dir, tmp_path, chat_template=no_system, system_prompt="Be brief.")

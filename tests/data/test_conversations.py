@@ -141,3 +141,25 @@ def test_predict_records_may_end_with_the_question(tiny_model_dir, tmp_path):
     assert prompts[0]["references"] == [] and prompts[1]["references"] == ["Red."]
     assert prompts[1]["prompt"].endswith("<|im_start|>user\nColour?</s>\n<|im_start|>assistant\n")
     assert json.dumps(prompts[1]["messages"]) == json.dumps(EXPECTED)  # kept for the prediction writer
+
+
+def test_predict_renders_conversations_with_the_template_and_answers(smollm2_dir, tmp_path):
+    from lightning_qpeft.cli import main
+
+    path = write_jsonl(tmp_path / "ask.jsonl", [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"messages": [{"role": "system", "content": "Answer in one word."},
+                      {"role": "user", "content": "What is the capital of Italy?"},
+                      {"role": "assistant", "content": "Rome"}]}])
+    out = tmp_path / "predictions.jsonl"
+    main(["predict", "--config", "configs/tiny.yaml", "--model.base_model", smollm2_dir, "--model.quantization", "none",
+          "--model.generation.max_new_tokens", "24", "--data.predict_path", path, "--data.template", "chat",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+          "--prediction_writer.path", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["prompt"].endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
+    assert "Paris" in rows[0]["prediction"] and "<|im_end|>" not in rows[0]["prediction"]
+    assert rows[1]["prompt"].startswith("<|im_start|>system\nAnswer in one word.<|im_end|>")
+    assert rows[1]["prompt"].endswith("Italy?<|im_end|>\n<|im_start|>assistant\n") and rows[1]["references"] == ["Rome"]
+    assert "Rome" in rows[1]["prediction"] and "\nuser" not in rows[1]["prediction"]  # stopped at its turn's end
