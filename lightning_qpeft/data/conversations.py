@@ -1,7 +1,8 @@
 """Conversation records: the layouts turns come in, and the checks every conversation passes.
 
 Layouts, recognised by their columns for every task that reads files or the hub (`sources.GENERIC`):
-    messages:    `messages`: [{role, content}] (transformers' chat templates, TRL); an optional `system` column
+    messages:    `messages`: [{role, content}] (transformers' chat templates, TRL); an optional `system` column;
+                 in CSV/TSV files (and any text column) the turns are JSON text
     sharegpt:    `conversations`: [{from, value}] with roles human / gpt / system; an optional `system` column
     oasst table: OASST1's message table (`message_id`, `parent_id`, `role`, `text`, `rank`; the hub's
                  OpenAssistant/oasst1), one conversation a message tree
@@ -27,6 +28,7 @@ generation metrics), `instruction` and `input` are empty.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -99,6 +101,11 @@ def normalise(turns: Any, where: str, need_output: bool, role_key: str = "role",
     Raises:
         DataError: no turns, an unknown role, roles out of order, empty content, no assistant turn.
     """
+    if isinstance(turns, str):  # a CSV/TSV column (or a string column anywhere) holding the turns as JSON
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: the turns are text but not JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: no turns (got {turns!r}); a conversation is a list of {{{role_key}, "
                         f"{content_key}}} turns")

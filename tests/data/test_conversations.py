@@ -33,6 +33,18 @@ def test_messages_and_sharegpt_give_the_same_conversation(tiny_model_dir, tmp_pa
         assert ds[0]["output"] == "Red." and ds[0]["references"] == ["Red."]
 
 
+def test_turns_in_a_csv_column_are_json_text(tiny_model_dir, tmp_path):
+    path = tmp_path / "chat.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["messages"])
+        w.writerows([[json.dumps(EXPECTED)]] * 2 + [["[{'role': 'user'}]"]])
+    with pytest.raises(DataError, match=r"chat.csv: row 3: the turns are text but not JSON"):
+        records(tiny_model_dir, str(path))
+    path.write_text(path.read_text().rsplit("\n", 2)[0] + "\n")
+    assert records(tiny_model_dir, str(path))[0]["messages"] == EXPECTED
+
+
 def _tree():
     """Prompt -> two answers (rank 1, rank 0) -> the rank-0 answer has a follow-up, answered twice."""
     return [
