@@ -175,3 +175,10 @@ def test_an_unsplittable_template_stops_fit_before_training(chat_run, tiny_model
         cli_main(args)
     after = _digest(chat_run)
     assert {k: after.get(k) for k in before} == before  # nothing the earlier run wrote is changed or gone
+
+
+def test_resuming_a_conversation_run_with_other_turns_trained_is_refused(chat_run, tiny_model_dir):
+    args = fit_args(tiny_model_dir, chat_run, str(chat_run.parent / "chat.jsonl"))
+    args += ["--ckpt_path", str(next(chat_run.rglob("last.ckpt"))), "--data.train_on", "last"]
+    with pytest.raises(ValueError, match=r"data.train_on: checkpoint 'all' vs this run 'last'"):
+        cli_main(args)

@@ -4,7 +4,8 @@ Config key: `data.resume_changed_data` (default false).
 
 `NLGDataModule.state_dict` returns `data_record`, which Lightning stores in every checkpoint: the training
 data's source (task, file with its size and SHA-256, hub id), how records become tokens (template, lengths,
-train_on_source, max_train_records, the validation split and its seed), how tokens become batches (batch_size,
+train_on_source, max_train_records, the validation split and its seed; for conversations train_on, the
+system prompt and the chat template), how tokens become batches (batch_size,
 max_tokens, packing, group_by_length, the number of processes) and what came out (training records and tokens).
 The checkpoint's loader position (the batches of the epoch already yielded) only means something for these. On
 resume, `NLGDataModule.load_state_dict` compares them with this run's:
@@ -70,6 +71,10 @@ def data_record(dm: Any) -> dict[str, Any]:
         "training records": len(train),
         "training tokens": int(sum(int(n) for n in lengths)) if len(train) else 0,
     })
+    if getattr(dm, "chat", False):  # conversations: the turns trained and the template they are rendered with
+        template = (dm.tokenizer.chat_template or "").encode()
+        record.update({"data.train_on": dm.conversation.train_on, "data.system_prompt": dm.conversation.system_prompt,
+                       "data.chat_template (sha256)": hashlib.sha256(template).hexdigest()[:16]})
     return record
 
 
