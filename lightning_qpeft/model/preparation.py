@@ -114,7 +114,7 @@ def compile_decoder_layer(layer: nn.Module, options: Optional[dict[str, Any]] = 
     Why not trace the checkpoint into the graph (two graph calls a layer and step instead of three, the
     recomputation fused with the backward): on an H200 with torch 2.11, inductor's partitioner failed on such a
     layer with LoRA dropout ("Node add_571 was invalid, but is output"; without dropout it trained;
-    benchmarks/RESULTS.md, 2026-11-29 call H).
+    benchmarks/RESULTS.md).
     """
     from functools import partial
 
