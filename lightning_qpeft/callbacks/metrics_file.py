@@ -24,8 +24,9 @@ class MetricsFile(Logger):
     """Append every logged metric to `<log_dir>/metrics.jsonl` (rank zero only).
 
     Args:
-        trainer: the run's trainer: the file goes to its `log_dir` (known once its first logger has made its
-            version folder), and it reports that logger's version (the progress bar shows one `v_num`).
+        trainer: the run's trainer: the file goes to its first logger's folder (what `trainer.log_dir` names,
+            read without `log_dir`'s broadcast, which only rank zero would reach), and it reports that logger's
+            version (the progress bar shows one `v_num`).
     """
 
     def __init__(self, trainer: Any) -> None:
@@ -45,9 +46,18 @@ class MetricsFile(Logger):
     @property
     def path(self) -> Path:
         if self._path is None:
-            self._path = Path(self._trainer.log_dir or self._trainer.default_root_dir) / FILE_NAME
+            self._path = Path(self._log_dir()) / FILE_NAME
             self._path.parent.mkdir(parents=True, exist_ok=True)
         return self._path
+
+    def _log_dir(self) -> str:
+        # trainer.log_dir without its broadcast: only rank zero logs, and a collective there would wait forever
+        # for the other ranks (the same folder: the first logger's)
+        first = self._trainer.loggers[0] if self._trainer.loggers else None
+        if first is None or first is self:
+            return self._trainer.default_root_dir
+        folder = getattr(first, "log_dir", None) or first.save_dir
+        return folder or self._trainer.default_root_dir
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
