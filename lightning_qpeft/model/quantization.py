@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 from transformers import BitsAndBytesConfig
 
 DTYPES: dict[str, torch.dtype] = {
@@ -108,18 +107,3 @@ def bnb_config(
         bnb_4bit_quant_storage=storage,
     )
 
-
-def pin_cpu_kernels(model: nn.Module) -> int:
-    """Keep bitsandbytes' 4-bit layers on one CPU code path whatever the processor; returns how many changed.
-
-    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its inference kernel the first
-    time the layer runs in eval mode without gradients (generation, MMLU scoring). That kernel needs
-    out_features divisible by 32 (the tiny test models' are not) and gives other roundings than the training
-    path, so the same run would score differently on another CPU. Switched off: every CPU computes as CI does.
-    """
-    n = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n

@@ -90,10 +90,7 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
 
     def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
                         dtype: torch.dtype) -> torch.Tensor:
-        packed = (A if A.dtype == torch.uint8 else A.view(torch.uint8)).reshape(-1)  # FSDP's float storage
-        nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)[: prod(shape)]  # high one first
-        code = torch.tensor(codes[quant_type], dtype=torch.float32, device=A.device)
-        return _scaled(code[nibbles.long()], absmax, blocksize).to(dtype).reshape(shape)
+        return _dequantize_4bit(A, absmax, blocksize, shape, dtype, codes[quant_type])
 
     def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                              dtype: torch.dtype) -> torch.Tensor:
@@ -110,6 +107,22 @@ def _decompositions() -> dict[Any, Callable[..., Any]]:
 
     _ours.update(zip(targets, (dequantize_4bit, dequantize_blockwise, gemm_4bit)))
     return _ours
+
+
+def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: Any, dtype: torch.dtype,
+                     code_values: list[float]) -> torch.Tensor:
+    packed = (A if A.dtype == torch.uint8 else A.view(torch.uint8)).reshape(-1)  # FSDP's float storage
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)[: prod(shape)]  # high one first
+    code = torch.tensor(code_values, dtype=torch.float32, device=A.device)
+    return _scaled(code[nibbles.long()], absmax, blocksize).to(dtype).reshape(shape)
+
+
+def dequantize_4bit_torch(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization in eager torch ops (its semantics: blocks over the flattened weight)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return _dequantize_4bit(A, absmax, blocksize, shape, dtype, get_4bit_type(quant_type, device="cpu").tolist())
 
 
 def _scaled(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:

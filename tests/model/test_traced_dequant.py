@@ -9,10 +9,14 @@ from torch._dynamo.backends.common import aot_autograd
 import bitsandbytes.functional as F
 from lightning_qpeft.model import traced_dequant
 from lightning_qpeft.model.module import QPeftModule
+from lightning_qpeft.model.bnb_cpu import install
 from tests.model.test_compile import fresh_module
 from tests.model.test_fused_loss import losses_of
 
 OPS = torch.ops.bitsandbytes
+# bitsandbytes' own values: its CPU routine on the flattened weight (model/bnb_cpu.py: its kernel on (rows, cols)
+# is wrong on AVX-512 processors where cols are not whole blocks)
+install()
 
 
 @pytest.fixture(autouse=True)
