@@ -25,11 +25,20 @@ def strings(value: Any) -> Iterator[str]:
             yield from strings(v)
 
 
-def leaving_paths(document: Any) -> list[str]:
+def leaving_paths(document: Any, folder: Path = ROOT) -> list[str]:
     """Strings that are, or end in (`--data.path=X`, `--args+=--data.path=X`), a path leaving the repository:
-    relative upwards (`../`), absolute, or home-relative."""
-    return [s for s in strings(document)
-            if any(part.startswith(("../", "/", "~")) or part == ".." for part in s.split("=") if part)]
+    absolute, home-relative, or relative upwards past the repository root. A relative path in a config file
+    resolves from that file's folder (jsonargparse: `adapter: ../adapter/qlora.yaml` in configs/smollm2/), so
+    `folder` is where the document lives."""
+
+    def leaves(part: str) -> bool:
+        if part.startswith(("/", "~")):
+            return True
+        if not (part.startswith("../") or part == ".."):
+            return False
+        return ROOT.resolve() not in (folder / part).resolve().parents
+
+    return [s for s in strings(document) if any(leaves(part) for part in s.split("=") if part)]
 
 
 def test_the_check_finds_paths_that_leave_the_repository():
@@ -37,6 +46,8 @@ def test_the_check_finds_paths_that_leave_the_repository():
                 "args": ["--data.path=/srv/alpaca.json", "--model.base_model=checkpoints/tiny-llama", "~/m"],
                 "lr": 0.001, "dirpath": "."}
     assert leaving_paths(document) == ["../shared/data/x.json", "--data.path=/srv/alpaca.json", "~/m"]
+    inside = {"adapter": "../adapter/qlora.yaml", "other": "../../../x.yaml"}  # from configs/smollm2/
+    assert leaving_paths(inside, ROOT / "configs" / "smollm2") == ["../../../x.yaml"]
 
 
 def test_configs_exist():
@@ -46,7 +57,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_no_config_points_outside_the_repository(config):
     text = config.read_text(encoding="utf-8")
-    assert leaving_paths(yaml.safe_load(text)) == []
+    assert leaving_paths(yaml.safe_load(text), config.parent) == []
     assert "../shared" not in text  # comments included: a clone has no ../shared
 
 
