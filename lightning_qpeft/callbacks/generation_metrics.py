@@ -58,10 +58,6 @@ class GenerationMetrics(Callback):
                  dirpath: Optional[str] = None, rouge_stemmer: bool = True) -> None:
         if fit_every_n_val < 0:
             raise ValueError(f"generation_metrics.fit_every_n_val: {fit_every_n_val}; use 0 (never) or more")
-        if max_records is not None and max_records < 1:
-            raise ValueError(f"generation_metrics.max_records: {max_records}; use 1 or more, or leave it unset")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"generation_metrics.batch_size: {batch_size}; use 1 or more, or leave it unset")
         self.test, self.validate, self.fit_every_n_val = test, validate, fit_every_n_val
         self.max_records, self.batch_size, self.dirpath = max_records, batch_size, dirpath
         self.rouge_stemmer = rouge_stemmer
@@ -123,7 +119,7 @@ class GenerationMetrics(Callback):
         """One row per record, in the records' order; batches planned by prompt length."""
         collate = PromptCollator(dm.tokenizer.pad_token_id)
         batch_size = self.batch_size or dm.eval_batch_size
-        rows: list[Optional[dict[str, Any]]] = [None] * len(records)
+        rows: list[dict[str, Any]] = [{}] * len(records)
         for plan in plan_batches([len(r["input_ids"]) for r in records], batch_tokens=2**62, batch_size=batch_size):
             batch = collate([records[i] for i in plan])
             tokens = pl_module.generate(batch["input_ids"].to(pl_module.device),
@@ -133,7 +129,7 @@ class GenerationMetrics(Callback):
             for i, meta, text, done in zip(plan, batch["meta"], texts, stopped):
                 refs = meta.get("references") or [meta.get("output", "")]
                 rows[i] = {"prompt": meta["prompt"], "prediction": text, "references": refs, "stopped": done}
-        return [r for r in rows if r is not None]
+        return rows
 
 
 def _gather(rows: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:

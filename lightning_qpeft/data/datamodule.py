@@ -181,6 +181,7 @@ class NLGDataModule(LightningDataModule):
         self.validation_split_off_train = False
         self._fresh_start = False  # set by load_state_dict: the loader ignores the checkpoint's position
         self._record: Optional[dict[str, Any]] = None  # data_record, once per fit
+        self._stop_ids: Optional[tuple[Any, list[int]]] = None  # (chat template, stop_token_ids of it)
         self.tokenizer: Any = None
         self.records: dict[str, datasets.Dataset] = {}
         self.tokenized: dict[str, datasets.Dataset] = {}
@@ -387,8 +388,12 @@ class NLGDataModule(LightningDataModule):
 
     @property
     def stop_ids(self) -> list[int]:
-        """Tokens that end a generated answer: EOS and the chat template's end-of-turn token."""
-        return stop_token_ids(self.tokenizer)
+        """Tokens that end a generated answer: EOS and the chat template's end-of-turn token (found by rendering
+        the template once per template, not once per generation batch)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if self._stop_ids is None or self._stop_ids[0] != template:
+            self._stop_ids = (template, stop_token_ids(self.tokenizer))
+        return self._stop_ids[1]
 
     def decode(self, tokens: torch.Tensor) -> tuple[list[str], list[bool]]:
         """Generated ids (B, new) -> each answer's text, cut at its first stop token; and whether it stopped there

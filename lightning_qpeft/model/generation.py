@@ -35,14 +35,6 @@ class Generation:
     top_p: float = 1.0
     num_beams: int = 1
 
-    def __post_init__(self) -> None:
-        checks = {"max_new_tokens": self.max_new_tokens >= 1, "num_beams": self.num_beams >= 1,
-                  "temperature": self.temperature > 0, "top_p": 0 < self.top_p <= 1}
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"model.generation.{key}: {getattr(self, key)} is out of range; use max_new_tokens "
-                                 ">= 1, num_beams >= 1, temperature > 0, 0 < top_p <= 1")
-
     def kwargs(self) -> dict[str, Any]:
         kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
         if self.do_sample:

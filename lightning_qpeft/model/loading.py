@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lightning_qpeft.model.gguf import gguf_folder, is_gguf
 from lightning_qpeft.model.bnb_cpu import pin_cpu_kernels
+from lightning_qpeft.model.gguf import gguf_folder, is_gguf
 from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, resolve_dtype
 from lightning_qpeft.model.random_init import build_random_model, is_random
 from lightning_qpeft.model.tiny import BUILTIN_MODELS

@@ -26,3 +26,4 @@ def test_a_csv_logged_run_writes_metrics_jsonl_and_the_study_reads_it(tiny_model
     assert result["status"] == "done"
     assert result["metrics"]["val/loss"] == metrics["val/loss"][-1][1]
     assert json.loads((log_dir / "perf.json").read_text())["versions"]["torch"]
+    assert result["versions"]["torch"]  # the study's result names the environment its figures come from

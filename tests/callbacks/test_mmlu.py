@@ -157,3 +157,15 @@ def test_missing_json_file_is_refused_at_setup(tiny_model_dir, tmp_path):
     mmlu = MMLUEvaluation(enabled=True, source="json", path=str(tmp_path / "five_shot_mmlu_val.json"))
     with pytest.raises(ValueError, match="mmlu.path: no such file"):
         cpu_trainer(max_steps=1, callbacks=[mmlu]).validate(module(tiny_model_dir), data(tiny_model_dir))
+
+
+def test_two_evaluations_in_one_run_log_under_their_own_names(tiny_model_dir, tmp_path):
+    zero = MMLUEvaluation(enabled=True, source="synthetic", split="test", shots=0, synthetic_questions=2, name="mmlu0")
+    five = MMLUEvaluation(enabled=True, source="synthetic", split="test", shots=5, synthetic_questions=2, name="mmlu5")
+    assert zero.state_key != five.state_key  # both states fit in one checkpoint
+    trainer = cpu_trainer(limit_val_batches=1, callbacks=[zero, five],
+                          logger=TensorBoardLogger(tmp_path, name="", version=""))
+    metrics = trainer.validate(module(tiny_model_dir), data(tiny_model_dir), verbose=False)[0]
+    assert metrics["mmlu0/accuracy"] == zero.last_results.metrics()["mmlu/accuracy"]
+    assert metrics["mmlu5/accuracy"] == five.last_results.metrics()["mmlu/accuracy"]
+    assert (tmp_path / "mmlu0_test.json").exists() and (tmp_path / "mmlu5_test.json").exists()

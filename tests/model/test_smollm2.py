@@ -49,8 +49,8 @@ def test_the_real_model_answers_and_stops(smollm2_dir):
 def test_a_gguf_base_loads_as_the_converted_folder(smollm2_dir):
     from lightning_qpeft.fetch import SMOLLM2_135M
 
-    gguf = SMOLLM2_135M.gguf_path()
-    assert gguf.is_file(), "fetch keeps the checked GGUF in the cache"
+    gguf, _ = SMOLLM2_135M.checked_gguf("smollm2-135m-instruct")  # the wheel fetch downloaded, or the cached GGUF
+    assert gguf == SMOLLM2_135M.gguf_path() and gguf.is_file()
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47]])
     a = load_base_model(str(gguf), "none", dtype="float32")(input_ids=ids).logits
     b = load_base_model(smollm2_dir, "none", dtype="float32")(input_ids=ids).logits

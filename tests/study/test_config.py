@@ -105,3 +105,13 @@ def test_study_configs_parse_and_expand():
     assert sizes["qlora-table4"] == 24  # 3 data types x 4 sizes x 2 datasets, as QLoRA's Table 4
     assert sizes["device-efficiency"] == 12
     assert sizes["tiny-seeds"] == 9
+
+
+def test_cells_with_fit_false_only_evaluate_and_get_their_own_id():
+    cells = expand(spec(axes={"model.adapter": {"base": None, "lora": "configs/adapter/lora.yaml"}},
+                        evaluate=["test"], cell_args=[{"when": {"model.adapter": "base"}, "fit": False}]))
+    assert [(c.labels["model.adapter"], c.fit) for c in cells] == [("base", False), ("lora", True)]
+    trained = expand(spec(axes={"model.adapter": {"base": None}}, evaluate=["test"]))[0]
+    assert trained.fit and trained.id != cells[0].id  # the same arguments, trained or not: two cells
+    with pytest.raises(StudyError, match="neither trains .* nor evaluates"):
+        expand(spec(axes={"model.adapter": {"base": None}}, cell_args=[{"when": {}, "fit": False}]))
