@@ -17,7 +17,13 @@ What runs, in this order (each in its own process, so each starts with an empty 
 3. suite `fixed`: 8 x 512 random tokens, every token supervised (labels = input ids): the peer's
    peer_fixed_length.py nf4-dq:1 (median of 8 steps after 3) and ours (`data.task: random-tokens`, mean of
    `--fixed-steps` steps after 3).
-4. `--check real|fixed`: the same training. benchmarks/peer_reference.py trains the peer recipe for
+4. suite `small`: SmolLM2-135M-Instruct (`--small-model`, the folder `fetch smollm2-135m-instruct` writes) on
+   `--small-records` SAMSum training dialogues as Alpaca instruction records (benchmarks/smollm2_data.py's split;
+   instruction "Summarize this dialogue.", the dialogue as input, the summary as output), source <= 384 / target
+   <= 128, 16 records a step: the peer (peer_trainer.py through benchmarks/peer_autotokenizer.py, which loads
+   SmolLM2's own tokenizer) and our configs/smollm2/gpu.yaml with each of `--small-variants` (SMALL_PRESETS),
+   timed over whole epochs after the first, as in `real`.
+5. `--check real|fixed`: the same training. benchmarks/peer_reference.py trains the peer recipe for
    `--check-steps` steps on our batches from a saved LoRA init (dropout 0), our fit trains from the same init
    with the first variant's flags plus `model.upcast_embeddings=true` (the peer's fp32 embeddings and head);
    each step's loss must agree within 0.02 nats, and the adapters' updates must point the same way: the same
@@ -98,6 +104,16 @@ PRESETS = {name: flags if name == "default" else
            [*flags, *([] if "--model.optimizer" in flags else ["--model.optimizer", PAGED]),
             *([] if "--model.compile_dequantize" in flags else ["--model.compile_dequantize", "false"])]
            for name, flags in PRESETS.items()}
+SMALL_CONFIG = ROOT / "configs" / "smollm2" / "gpu.yaml"
+# the small suite's variants: the SmolLM2 recipe as it is, then one switch each
+SMALL_PRESETS: dict[str, list[str]] = {
+    "default": [],
+    "bf16": ["--model.quantization", "none", "--model.dtype", "bfloat16"],  # the 16-bit base: NF4's cost
+    "compile": ["--model.compile", "true", "--model.compile_scope", "decoder_layer",
+                "--model.compile_dequantize", "true"],  # one graph a decoder layer, dequantization traced in
+    "ckpt": ["--model.gradient_checkpointing", "true"],  # the peer's activation recomputation
+}
+SMALL_INSTRUCTION = "Summarize this dialogue."
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks=[]", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0"]
@@ -203,12 +219,23 @@ class Bench:
         path.write_text(json.dumps(random.Random(self.a.seed).sample(records, n)))
         return path
 
+    def small_sample(self) -> Path:
+        """The first `--small-records` SAMSum training dialogues (a multiple of 16) as Alpaca instruction records."""
+        lines = Path(self.a.small_data).read_text().splitlines()
+        rows = [json.loads(x) for x in lines if x.strip()]
+        n = min(self.a.small_records, len(rows)) // 16 * 16
+        path = self.work / f"samsum_alpaca_{n}.json"
+        path.write_text(json.dumps([{"instruction": SMALL_INSTRUCTION, "input": r["dialogue"], "output": r["summary"]}
+                                    for r in rows[:n]]))
+        return path
+
     # --------------------------------------------------------------------------------------- runs
-    def ours(self, suite: str, name: str, flags: list[str], data_args: list[str], steps: list[str]) -> None:
+    def ours(self, suite: str, name: str, flags: list[str], data_args: list[str], steps: list[str],
+             config: Path = CONFIG, ckpt: Optional[Path] = None) -> None:
         run_dir = self.work / f"{suite}-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(CONFIG),
-               "--model.base_model", str(self.a.ckpt), "--trainer.default_root_dir", str(run_dir),
+        cmd = [sys.executable, "-m", "lightning_qpeft", "fit", "--config", str(config),
+               "--model.base_model", str(ckpt or self.a.ckpt), "--trainer.default_root_dir", str(run_dir),
                "--adapter_export.enabled", "false", *QUIET, *data_args, *steps, *flags]
         rc, _ = self.sh(f"{suite}/ours-{name}", cmd, need_s=self.a.min_run_s, sample=True)
         row = {"suite": suite, "run": f"ours-{name}", "flags": " ".join(flags), "rc": rc,
@@ -238,6 +265,24 @@ class Bench:
                         need_s=self.a.min_run_s, sample=True)
         row = {"suite": "real", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (group_by_length)",
                "rc": rc, "sampled": rc != -1 and self.sampled("real/peer")}
+        if rc == 0 and out.exists():
+            p = json.loads(out.read_text().splitlines()[-1])
+            row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
+                       records_per_step=p["batch"] * p["accum"], peak_gib=p["peak_gib"],
+                       pad_fraction=p["pad_fraction"], samples_per_s=p["samples_per_s"])
+        self.results["runs"].append(row)
+
+    def peer_small(self, data: Path, epoch_steps: int, epochs: int) -> None:
+        out = self.work / "peer_small.jsonl"
+        out.unlink(missing_ok=True)
+        model = str(self.a.small_model)
+        rc, _ = self.sh("small/peer", [sys.executable, "benchmarks/peer_autotokenizer.py",
+                                       str(self.a.peer_dir / "peer_trainer.py"), model, model, str(data), "--batch",
+                                       "16", "--accum", "1", "--warmup", str(epoch_steps), "--steps",
+                                       str(epoch_steps * (epochs - 1)), "--out", str(out)],
+                        need_s=self.a.min_run_s, sample=True)
+        row = {"suite": "small", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (AutoTokenizer)",
+               "rc": rc, "sampled": rc != -1 and self.sampled("small/peer")}
         if rc == 0 and out.exists():
             p = json.loads(out.read_text().splitlines()[-1])
             row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
@@ -477,6 +522,13 @@ def main() -> None:
     ap.add_argument("--suites", default="real,fixed")
     ap.add_argument("--variants", default="default,fused", help=f"comma-separated presets: {', '.join(PRESETS)}")
     ap.add_argument("--variant", action="append", default=[], help="NAME='extra CLI flags' (repeatable)")
+    ap.add_argument("--small-model", type=Path, default=ROOT / "checkpoints" / "smollm2-135m-instruct",
+                    help="suite small: the model folder (python -m lightning_qpeft fetch smollm2-135m-instruct)")
+    ap.add_argument("--small-data", type=Path, help="suite small: SAMSum training JSONL (default: "
+                    "<bench-data>/smollm2/samsum_train.jsonl, benchmarks/smollm2_data.py)")
+    ap.add_argument("--small-records", type=int, default=384, help="suite small: dialogues a run trains on")
+    ap.add_argument("--small-variants", default="default,bf16",
+                    help=f"suite small: comma-separated presets: {', '.join(SMALL_PRESETS)}")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer runs (ratios then missing)")
     ap.add_argument("--check", default="real", help="same-training check on: real, fixed, both or none")
     ap.add_argument("--check-steps", type=int, default=3)
@@ -500,17 +552,40 @@ def main() -> None:
     a.peer_dir = a.peer_dir or a.bench_data
     a.alpaca = a.alpaca or a.bench_data / "alpaca_5000.json"
     a.tokenizer = a.tokenizer or a.bench_data / "llama2"
+    a.small_data = a.small_data or a.bench_data / "smollm2" / "samsum_train.jsonl"
     chosen = variants(a)
     if a.profile and a.records // 16 < a.profile + 2:
         sys.exit(f"--profile {a.profile}: needs --records >= {16 * (a.profile + 2)} (profiled steps end epoch 1)")
     if a.epochs < 2:
         sys.exit("--epochs: at least 2 (the first is not measured)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    suites = [s for s in a.suites.split(",") if s]
+    unknown = sorted(set(suites) - {"real", "fixed", "small"})
+    if unknown:
+        sys.exit(f"--suites: unknown suite(s) {', '.join(unknown)}; choose from real, fixed, small")
+    small = [v for v in a.small_variants.split(",") if v]
+    if "small" in suites and set(small) - set(SMALL_PRESETS):
+        sys.exit(f"--small-variants: unknown preset(s) {', '.join(sorted(set(small) - set(SMALL_PRESETS)))}; "
+                 f"choose from {', '.join(SMALL_PRESETS)}")
     b = Bench(a)
-    if not b.environment() or not b.checkpoint():
+    needs_7b = bool({"real", "fixed"} & set(suites)) or a.check in ("real", "fixed", "both")
+    if not b.environment() or (needs_7b and not b.checkpoint()):
         b.finish()
         sys.exit(1)
-    suites = [s for s in a.suites.split(",") if s]
+    if "small" in suites:  # first: it needs neither the 7B checkpoint's time nor its memory
+        data = b.small_sample()
+        epoch = len(json.loads(data.read_text())) // 16
+        if not a.no_peer:
+            b.peer_small(data, epoch, a.epochs)
+        small_args = ["--data.task", "alpaca", "--data.path", str(data), "--data.val_path", str(data),
+                      "--data.source_max_len", "384", "--data.target_max_len", "128",
+                      "--generation_metrics.test", "false"]
+        warm = (["--efficiency.warmup_steps", str(epoch - a.profile), "--efficiency.profile_steps", str(a.profile)]
+                if a.profile else ["--efficiency.warmup_steps", "0", "--efficiency.warmup_epochs", "1"])
+        for name in small:
+            b.ours("small", name, SMALL_PRESETS[name], small_args,
+                   ["--trainer.max_epochs", str(a.epochs), "--trainer.max_steps", "-1", "--efficiency.window",
+                    str(epoch), *warm], config=SMALL_CONFIG, ckpt=a.small_model)
     checks = {"both": ["real", "fixed"], "none": []}.get(a.check, [a.check])
     first_flags = chosen[0][1] if chosen else []
     if "real" in suites or "real" in checks:

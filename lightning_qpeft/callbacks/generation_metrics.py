@@ -3,7 +3,7 @@ generations as JSON lines beside the logs.
 
 Config keys (`generation_metrics.*`, a top-level section of the CLI config):
     test:             score at `test` (logs `test/rouge1`, `test/rouge2`, `test/rougeL`, `test/bleu`,
-                      `test/stopped_fraction`)
+                      `test/stopped_fraction`, `test/generation_tokens_per_s`, `test/generation_s`)
     validate:         score at `validate` (logs `val/...`)
     fit_every_n_val:  during `fit`, score every n-th validation (0: never; generation is slow)
     max_records:      generate for at most this many evaluation prompts (the first ones)
@@ -14,6 +14,9 @@ Decoding settings (greedy by default, max_new_tokens, sampling) are `model.gener
 
 `{stage}/stopped_fraction` is the share of answers that ended with a stop token (EOS or the chat template's
 end-of-turn) before `max_new_tokens`: a fine-tuned model that never learned to stop scores near 0.
+`{stage}/generation_tokens_per_s` counts each answer's tokens up to and including its stop token (what a user
+gets, not the padding of rows that ended early) over the wall time of the decoding calls (`generation_s`,
+the device synchronised at both ends): this rank's, as decoding is per rank.
 
 Generation runs in this callback, not in the module: the test loader yields padded training-style batches
 for `test/loss`, while generation needs left-padded prompts, one per distinct prompt
@@ -26,6 +29,7 @@ every rank scores the whole set.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +37,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_qpeft.core.tokens import cut_at_stop
 from lightning_qpeft.data.collate import PromptCollator
 from lightning_qpeft.evaluation.generation import score_generations
 from lightning_qpeft.evaluation.mmlu_scoring import plan_batches
@@ -96,13 +101,14 @@ class GenerationMetrics(Callback):
         if trainer.world_size > 1:
             prompts = prompts.shard(trainer.world_size, trainer.global_rank, contiguous=True)
         records = list(prompts.with_format(None))
-        rows = self._generate(records, dm, pl_module)
+        rows, timing = self._generate(records, dm, pl_module)
         rows = _gather(rows, trainer.world_size)
         if not rows:
             return
         scores = score_generations([r["prediction"] for r in rows], [r["references"] for r in rows],
                                    self.rouge_stemmer)
         scores["stopped_fraction"] = sum(r["stopped"] for r in rows) / len(rows)
+        scores.update(timing)
         for key, value in scores.items():
             pl_module.log(f"{stage}/{key}", value, sync_dist=False)  # every rank scored the gathered set
         self.last_scores = scores
@@ -115,21 +121,34 @@ class GenerationMetrics(Callback):
         rank_zero_info(f"{stage}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
                        + f" over {len(rows)} prompts; generations in {path}")
 
-    def _generate(self, records: list[dict[str, Any]], dm: Any, pl_module: LightningModule) -> list[dict[str, Any]]:
-        """One row per record, in the records' order; batches planned by prompt length."""
+    def _generate(self, records: list[dict[str, Any]], dm: Any,
+                  pl_module: LightningModule) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """One row per record, in the records' order, and the decoding's speed; batches planned by prompt
+        length."""
         collate = PromptCollator(dm.tokenizer.pad_token_id)
         batch_size = self.batch_size or dm.eval_batch_size
         rows: list[dict[str, Any]] = [{}] * len(records)
+        seconds, answered = 0.0, 0
         for plan in plan_batches([len(r["input_ids"]) for r in records], batch_tokens=2**62, batch_size=batch_size):
             batch = collate([records[i] for i in plan])
-            tokens = pl_module.generate(batch["input_ids"].to(pl_module.device),
-                                        batch["attention_mask"].to(pl_module.device),
-                                        dm.stop_ids, dm.tokenizer.pad_token_id)
+            ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
+            _synchronize(pl_module.device)
+            start = time.perf_counter()
+            tokens = pl_module.generate(ids, mask, dm.stop_ids, dm.tokenizer.pad_token_id)
+            _synchronize(pl_module.device)
+            seconds += time.perf_counter() - start
+            cut, ended = cut_at_stop(tokens, dm.stop_ids)
+            answered += sum(len(row) for row in cut) + sum(ended)  # the stop token is a generated token too
             texts, stopped = dm.decode(tokens)
             for i, meta, text, done in zip(plan, batch["meta"], texts, stopped):
                 refs = meta.get("references") or [meta.get("output", "")]
                 rows[i] = {"prompt": meta["prompt"], "prediction": text, "references": refs, "stopped": done}
-        return rows
+        return rows, {"generation_tokens_per_s": answered / max(seconds, 1e-9), "generation_s": seconds}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _gather(rows: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:

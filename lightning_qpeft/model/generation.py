@@ -1,6 +1,6 @@
 """Decoding: the settings (`model.generation.*`) and one batch of greedy or sampled continuations.
 
-Config keys (`model.generation.*`): max_new_tokens, do_sample, temperature, top_p, num_beams.
+Config keys (`model.generation.*`): max_new_tokens, do_sample, temperature, top_p, num_beams, cache.
 
 An answer ends at the first stop token: the tokenizer's EOS or the chat template's end-of-turn token
 (`core.tokens.stop_token_ids`: SmolLM2's `<|im_end|>`). Decoding runs under the trainer's precision context, as
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
+
+CACHES = ("dynamic", "static")
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Generation:
         temperature: sampling temperature.
         top_p: nucleus sampling mass.
         num_beams: beam search width (1: none).
+        cache: the KV cache: `dynamic` (grows with each token) or `static` (allocated once for prompt +
+            max_new_tokens; transformers then compiles the decoding step on CUDA, for unquantized bases only,
+            since it does not compile bitsandbytes layers). The same tokens either way, up to rounding.
     """
 
     max_new_tokens: int = 128
@@ -34,9 +39,16 @@ class Generation:
     temperature: float = 1.0
     top_p: float = 1.0
     num_beams: int = 1
+    cache: Literal["dynamic", "static"] = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHES:
+            raise ValueError(f"model.generation.cache: {self.cache!r} is not one of {', '.join(CACHES)}")
 
     def kwargs(self) -> dict[str, Any]:
         kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
+        if self.cache != "dynamic":
+            kw["cache_implementation"] = self.cache
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
         return kw

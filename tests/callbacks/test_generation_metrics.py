@@ -33,6 +33,8 @@ def test_test_run_logs_rouge_that_rises_after_training(tiny_model_dir, tmp_path)
     # the random base never emits EOS; trained 25 steps on targets that end with it, some answers stop (1 of 8
     # with this seed): stopping is counted, and it rises with training
     assert before["test/stopped_fraction"] == 0 < after["test/stopped_fraction"], (before, after)
+    # 8 answers of 32 tokens that never stop: 256 tokens over the decoding time
+    assert before["test/generation_tokens_per_s"] * before["test/generation_s"] == pytest.approx(8 * 32)
     rows = [json.loads(line) for line in (tmp_path / "test_generations.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(set(r) == {"prompt", "prediction", "references", "stopped"} for r in rows)
     assert all(len(r["references"]) == 2 and r["prompt"].endswith("### Response: ") for r in rows)
@@ -60,3 +62,17 @@ def test_cli_test_and_validate_log_generation_metrics(tiny_model_dir, tmp_path):
         assert {f"{stage}/{k}" for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss")} <= set(ea.Tags()["scalars"])
         rows = (folder / f"{stage}_generations.jsonl").read_text().splitlines()
         assert len(rows) == 4
+
+
+def test_generation_speed_counts_each_answer_up_to_its_stop_token():
+    from types import SimpleNamespace
+
+    pad, stop = 0, 9
+    answers = torch.tensor([[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]])  # 2 tokens, 4 (no stop), 1: 7 in all
+    dm = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad), eval_batch_size=8, stop_ids=[stop],
+                         decode=lambda t: (["x"] * len(t), [bool((r == stop).any()) for r in t]))
+    module = SimpleNamespace(device=torch.device("cpu"), generate=lambda ids, mask, stops, p: answers[: len(ids)])
+    records = [{"input_ids": [1, 2, 3][: n], "prompt": "p", "output": "o"} for n in (3, 2, 1)]
+    rows, timing = GenerationMetrics()._generate(records, dm, module)
+    assert len(rows) == 3 and timing["generation_s"] > 0
+    assert timing["generation_tokens_per_s"] * timing["generation_s"] == pytest.approx(7)
