@@ -34,8 +34,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import AdaLoraConfig, BOFTConfig, IA3Config, VeraConfig
 from torchmetrics import MeanMetric
 
-from lightning_qpeft.callbacks.numerics import all_finite
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
+from lightning_qpeft.core.tensors import all_finite
 from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.distributed import check_flattenable, fsdp_param_dtype, global_token_mean
 from lightning_qpeft.model import compat
