@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.core.tokens import IGNORE_INDEX, end_of_turn_id, prompt_bos
 from lightning_qpeft.data.conversations import MESSAGES_COLUMN, is_conversation
-from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.readers import record_word
 
 TRAIN_ON = ("all", "last")

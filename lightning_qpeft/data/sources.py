@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional
 
 import datasets
 
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.data.conversations import CONVERSATIONS, OASST_TABLE, OASST_TREES, SAMSUM_CHAT, ConversationLayout
-from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.random_tokens import random_token_splits
 from lightning_qpeft.data.readers import read_file, record_word
 from lightning_qpeft.data.synthetic import synthetic_e2e

@@ -25,7 +25,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from lightning_qpeft.data.errors import DataError
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.evaluation.mmlu_prompt import CHOICES, Item, Question, build_items
 
 SOURCES = ("synthetic", "json", "csv", "hub")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lightning_qpeft.data.errors import DataError
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.evaluation.mmlu_data import format_qlora_json, read_csv_folder
 from lightning_qpeft.evaluation.mmlu_prompt import build_items
 from lightning_qpeft.utils.atomic import atomic_file
