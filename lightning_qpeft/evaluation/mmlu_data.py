@@ -5,7 +5,7 @@ Config keys (`mmlu.*`, see `lightning_qpeft.callbacks.mmlu`):
                         built: five_shot_mmlu_val.json ...); `csv`: the original folders
                         (`<path>/{dev,val,test}/<subject>_<split>.csv`, header-less question,A,B,C,D,answer);
                         `hub`: the `cais/mmlu` dataset through `datasets.load_dataset`; `synthetic`: the
-                        project's generated multiple-choice set (`lightning_qpeft.data.synthetic_mc`)
+                        project's generated multiple-choice set (`lightning_qpeft.tasks.synthetic_mc`)
     path:               the JSON file or the CSV folder; one of QLoRA's file names that is missing is built
                         from the CSVs beside it (`mmlu_files`: data/mmlu/five_shot_mmlu_val.json)
     split:              val or test (csv, hub, synthetic)
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from lightning_qpeft.core.data_error import DataError
-from lightning_qpeft.evaluation.mmlu_prompt import CHOICES, Item, Question, build_items
+from lightning_qpeft.tasks.mmlu_prompt import CHOICES, Item, Question, build_items
 
 SOURCES = ("synthetic", "json", "csv", "hub")
 SPLITS = ("val", "test")
@@ -166,7 +166,7 @@ def load_items(
     elif source == "hub":
         questions, dev = read_hub(hub_name, split)
     else:
-        from lightning_qpeft.data import synthetic_mc
+        from lightning_qpeft.tasks import synthetic_mc
 
         questions = synthetic_mc.questions(split, synthetic_questions)
         dev = {}

@@ -38,7 +38,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 def build_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the built-in corpus (deterministic)."""
-    from lightning_qpeft.data.synthetic import tokenizer_corpus
+    from lightning_qpeft.tasks.synthetic_e2e import tokenizer_corpus
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -5,7 +5,7 @@ import pytest
 from lightning_qpeft.data.collate import IGNORE_INDEX
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.data.sources import DataError
-from lightning_qpeft.data.templates import ALPACA
+from lightning_qpeft.tasks.templates import ALPACA
 from tests.conftest import write_jsonl
 
 

@@ -8,7 +8,7 @@ import pytest
 from lightning_qpeft.data.collate import IGNORE_INDEX
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.data.sources import TASKS, DataError
-from lightning_qpeft.data.templates import get_template
+from lightning_qpeft.tasks.templates import get_template
 from tests.conftest import SHARED_DATA, write_jsonl
 
 DIALOGUES = [

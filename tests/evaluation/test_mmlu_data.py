@@ -6,9 +6,9 @@ import json
 import datasets
 import pytest
 
-from lightning_qpeft.data import synthetic_mc
 from lightning_qpeft.data.sources import DataError
 from lightning_qpeft.evaluation.mmlu_data import infer_k, load_items, read_qlora_json, select
+from lightning_qpeft.tasks import synthetic_mc
 
 
 @pytest.fixture(scope="module")
