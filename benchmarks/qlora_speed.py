@@ -269,7 +269,7 @@ class Bench:
             "from transformers import AutoTokenizer, LlamaTokenizerFast\n"
             "from lightning_qpeft.data.collate import tokenize_records\n"
             "from lightning_qpeft.tasks.templates import get_template\n"
-            "from lightning_qpeft.model.loading import load_tokenizer\n"
+            "from lightning_qpeft.base_models.tokenizer import load_tokenizer\n"
             f"spec = importlib.util.spec_from_file_location('peer_trainer', {str(self.a.peer_dir / 'peer_trainer.py')!r})\n"
             "peer = importlib.util.module_from_spec(spec); spec.loader.exec_module(peer)\n"
             f"recs = json.load(open({str(data)!r}))\n"

@@ -168,7 +168,7 @@ class MMLUEvaluation(Callback):
     def _tokenizer(trainer: Trainer, pl_module: LightningModule) -> Any:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:  # no data module (or not set up): the base model's own
-            from lightning_qpeft.model.loading import load_tokenizer
+            from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(pl_module.base_model, getattr(pl_module, "trust_remote_code", False))
         return tokenizer

@@ -34,6 +34,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_qpeft.base_models.folders import resolve_base_model
+from lightning_qpeft.base_models.tokenizer import TOKENIZER_KEY, load_tokenizer
 from lightning_qpeft.core.tokens import cut_at_stop, stop_token_ids
 from lightning_qpeft.data.chat_tokens import ChatOptions, conversation_prompts, prepare_chat, tokenize_conversations
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
@@ -41,7 +43,6 @@ from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptColla
 from lightning_qpeft.data.resume import FreshStartLoader, check_resume, data_record
 from lightning_qpeft.data.samplers import RecordBatchSampler
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
-from lightning_qpeft.model.loading import TOKENIZER_KEY, load_tokenizer, resolve_base_model
 from lightning_qpeft.tasks.templates import get_template
 
 

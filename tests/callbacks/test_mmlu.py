@@ -128,7 +128,7 @@ def test_validate_scores_the_repositorys_mmlu_in_a_clone_without_shared(tiny_mod
 
 
 def load_tokenizer_for(path):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

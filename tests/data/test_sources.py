@@ -203,7 +203,7 @@ def test_shared_e2e_dev_groups_to_547_meaning_representations(tiny_model_dir):
 
 
 def test_template_override_and_chat_template_with_a_single_bos(tiny_model_dir, alpaca_file):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     dm = NLGDataModule(tiny_model_dir, task="alpaca", path=alpaca_file, val_size=2, template="chat")
     dm.tokenizer = load_tokenizer(tiny_model_dir)

@@ -13,7 +13,7 @@ from lightning_qpeft.tasks import synthetic_mc
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

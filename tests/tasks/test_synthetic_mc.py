@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.evaluation.mmlu_scoring import encode_prompts, letter_token_ids
-from lightning_qpeft.model.loading import load_tokenizer
 from lightning_qpeft.tasks import synthetic_mc
 from lightning_qpeft.tasks.mmlu_prompt import build_prompt
 
