@@ -1,5 +1,5 @@
 """MMLU evaluation as QLoRA and Hendrycks define it: prompts (`tasks/mmlu_prompt.py`) from any layout
-(`mmlu_data.py`), scored on the A-D logits (`mmlu_scoring.py`), aggregated here into metrics and a report.
+(`mmlu_sources.py`), scored on the A-D logits (`mmlu_scoring.py`), aggregated here into metrics and a report.
 
 Metrics (what `MMLUResults.metrics` returns and the callback logs):
     mmlu/accuracy          mean over questions: the number papers quote (Hendrycks' "Average accuracy")

@@ -7,7 +7,7 @@ The files hold Hendrycks' prompts (`mmlu_prompt`), one `{"subject","input","outp
 five-shot files k was lowered per question until the prompt had at most 2048 tokens of the LLaMA-2 tokenizer,
 which is under Meta's licence and stays out of the repository. The k it gives is recorded instead, in
 `mmlu_qlora_k.json` beside this module (for each split and subject, the CSV rows, counted from 0, whose k is
-below 5), and the prompts are built with those k; with the LLaMA-2 tokenizer `mmlu_data.load_items("csv", ...)`
+below 5), and the prompts are built with those k; with the LLaMA-2 tokenizer `mmlu_sources.load_items("csv", ...)`
 derives the same k (tests/tasks/test_mmlu_prompt.py). A built file must have the md5 of QLoRA's file or
 it is not written; writes are atomic (`utils/atomic.py`).
 """

@@ -14,7 +14,7 @@ from lightning_qpeft.callbacks import AdapterExport, MMLUEvaluation
 from lightning_qpeft.cli import QPeftCLI
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.evaluation.mmlu import MMLUEvaluator
-from lightning_qpeft.evaluation.mmlu_data import load_items
+from lightning_qpeft.evaluation.mmlu_sources import load_items
 from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.module import QPeftModule
 from lightning_qpeft.tasks import synthetic_mc

@@ -7,7 +7,8 @@ import datasets
 import pytest
 
 from lightning_qpeft.data.sources import DataError
-from lightning_qpeft.evaluation.mmlu_data import infer_k, load_items, read_qlora_json, select
+from lightning_qpeft.evaluation.mmlu_data import infer_k, read_qlora_json
+from lightning_qpeft.evaluation.mmlu_sources import load_items, select
 from lightning_qpeft.tasks import synthetic_mc
 
 
