@@ -199,6 +199,21 @@ def test_no_cycle_inside_a_unit():
     assert not found, "cycles between modules:\n" + "\n".join(found)
 
 
+def test_ignore_index_is_defined_once():
+    """The label the loss skips lives in core/tokens.py; nothing else defines it or passes -100 for it."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) else []
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+            if any("IGNORE_INDEX" in n.upper() for n in names):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+            if isinstance(node, ast.keyword) and node.arg == "ignore_index" and not isinstance(node.value, ast.Name):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.value.lineno} ignore_index=<literal>")
+    assert [f.split(":")[0] for f in found] == ["core/tokens.py"], found
+
+
 # ---------------------------------------------------------------------------------------------- the checker
 def test_the_walk_sees_lazy_relative_and_type_checking_imports():
     source = ("from typing import TYPE_CHECKING\n"
