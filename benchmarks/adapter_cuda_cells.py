@@ -140,7 +140,7 @@ def main() -> None:
     import transformers
 
     import lightning_qpeft.model.compat as compat
-    from lightning_qpeft.model.tiny import build_tiny_llama
+    from lightning_qpeft.base_models.tiny import build_tiny_llama
 
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # one warning per int8 matmul of float32 inputs

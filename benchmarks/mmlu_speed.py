@@ -61,7 +61,7 @@ def load_llama2_tokenizer(folder: str):
         from transformers import LlamaTokenizerFast
 
         tokenizer = LlamaTokenizerFast.from_pretrained(folder)
-    if tokenizer.pad_token is None:  # as lightning_qpeft.model.loading.load_tokenizer does (it wants config.json)
+    if tokenizer.pad_token is None:  # as base_models.tokenizer.load_tokenizer does (it wants config.json)
         tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 

@@ -55,8 +55,8 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "llama2-7b" / "qlora-alpaca.yaml"
@@ -313,8 +313,8 @@ class Bench:
             "import importlib.util, json, sys\n"
             "from transformers import AutoTokenizer, LlamaTokenizerFast\n"
             "from lightning_qpeft.data.collate import tokenize_records\n"
-            "from lightning_qpeft.data.templates import get_template\n"
-            "from lightning_qpeft.model.loading import load_tokenizer\n"
+            "from lightning_qpeft.tasks.templates import get_template\n"
+            "from lightning_qpeft.base_models.tokenizer import load_tokenizer\n"
             f"spec = importlib.util.spec_from_file_location('peer_trainer', {str(self.a.peer_dir / 'peer_trainer.py')!r})\n"
             "peer = importlib.util.module_from_spec(spec); spec.loader.exec_module(peer)\n"
             f"recs = json.load(open({str(data)!r}))\n"

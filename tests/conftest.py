@@ -25,7 +25,7 @@ SMALL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_att
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny LLaMA folder (config, random weights, byte-level BPE tokenizer), built once per session."""
-    from lightning_qpeft.model.tiny import build_tiny_llama
+    from lightning_qpeft.base_models.tiny import build_tiny_llama
 
     return str(build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-test", **SMALL))
 

@@ -3,7 +3,7 @@
 Config keys (`mmlu.*`, a top-level section of the CLI config; off unless `mmlu.enabled: true`):
     enabled:              run the evaluation
     source, path, split, shots, max_prompt_tokens, hub_name, synthetic_questions: which questions and how the
-                          prompts are built (`lightning_qpeft.evaluation.mmlu_data`)
+                          prompts are built (`lightning_qpeft.evaluation.mmlu_sources`)
     max_samples, sample_seed: evaluate a subset (quick runs)
     every_n_validations:  during fit, evaluate after every N-th validation run
     at_fit_start / at_fit_end: also evaluate before the first step (a baseline) / when training ends
@@ -41,8 +41,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_qpeft.evaluation.mmlu import MMLUEvaluator, MMLUResults
-from lightning_qpeft.evaluation.mmlu_data import SOURCES, SPLITS, load_items, select
 from lightning_qpeft.evaluation.mmlu_scoring import LETTER_TOKEN_MODES, PADDING_SIDES
+from lightning_qpeft.evaluation.mmlu_sources import SOURCES, SPLITS, load_items, select
 from lightning_qpeft.utils.atomic import atomic_file
 
 REFUSED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
@@ -168,7 +168,7 @@ class MMLUEvaluation(Callback):
     def _tokenizer(trainer: Trainer, pl_module: LightningModule) -> Any:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:  # no data module (or not set up): the base model's own
-            from lightning_qpeft.model.loading import load_tokenizer
+            from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(pl_module.base_model, getattr(pl_module, "trust_remote_code", False))
         return tokenizer

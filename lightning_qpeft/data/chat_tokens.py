@@ -43,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.core.tokens import IGNORE_INDEX, end_of_turn_id, prompt_bos
 from lightning_qpeft.data.conversations import MESSAGES_COLUMN, is_conversation
-from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.readers import record_word
+from lightning_qpeft.tasks.templates import ChatTemplate
 
 TRAIN_ON = ("all", "last")
 CHATML = (
@@ -347,8 +348,6 @@ def prepare_chat(tokenizer: Any, template: Any, records: dict[str, Any], options
         options: the data module's chat options.
         template_key: the `data.template` value the user gave (None: the task's or the layout's).
     """
-    from lightning_qpeft.data.templates import ChatTemplate
-
     turns = [split for split, ds in records.items() if is_conversation(ds)]
     if not turns and not isinstance(template, ChatTemplate):
         return False

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 
 import datasets
 
-from lightning_qpeft.data.errors import DataError
+from lightning_qpeft.core.data_error import DataError
 
 ROLES = {"system": "system", "user": "user", "human": "user", "prompter": "user", "assistant": "assistant",
          "gpt": "assistant"}

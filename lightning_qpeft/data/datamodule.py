@@ -4,7 +4,7 @@ Config keys (`data.*`):
     tokenizer:        linked from `model.base_model` by the CLI (the base model's own tokenizer)
     task, path, val_path, test_path, hub_id, hub_config, hub_kwargs, *_field: which records (`sources.py`)
     predict_path:     records to generate for in `predict` (their `output` is optional)
-    template:         prompt template (`templates.py`); default: the task's (or what its file layout implies)
+    template:         prompt template (`tasks/templates.py`); default: the task's (or what its file layout implies)
     train_on, system_prompt, chat_template: conversations and `template: chat` (`chat_tokens.py`)
     train_on_source, source_max_len, target_max_len: see `collate.py`
     packing:          train on padding-free packed rows (`collate.PackCollator`); validation stays padded
@@ -34,6 +34,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_qpeft.base_models.folders import resolve_base_model
+from lightning_qpeft.base_models.tokenizer import TOKENIZER_KEY, load_tokenizer
 from lightning_qpeft.core.tokens import cut_at_stop, stop_token_ids
 from lightning_qpeft.data.chat_tokens import ChatOptions, conversation_prompts, prepare_chat, tokenize_conversations
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
@@ -41,8 +43,8 @@ from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptColla
 from lightning_qpeft.data.resume import FreshStartLoader, check_resume, data_record
 from lightning_qpeft.data.samplers import RecordBatchSampler
 from lightning_qpeft.data.sources import DataError, TaskSource, get_task
-from lightning_qpeft.data.templates import get_template
-from lightning_qpeft.model.loading import TOKENIZER_KEY, load_tokenizer, resolve_base_model
+from lightning_qpeft.tasks.templates import get_template
+
 
 def column(ds: datasets.Dataset, name: str) -> np.ndarray:
     """One column as a numpy array, read in one Arrow slice (iterating a `Column` formats row by row)."""

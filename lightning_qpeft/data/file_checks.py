@@ -22,7 +22,7 @@ import csv
 import os
 from pathlib import Path
 
-from lightning_qpeft.data.errors import DataError
+from lightning_qpeft.core.data_error import DataError
 
 CHUNK = 1 << 20
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 
-from lightning_qpeft.data.errors import DataError  # one class for every reader (MMLU's too)
+from lightning_qpeft.core.data_error import DataError  # one class for every reader (MMLU's too)
 from lightning_qpeft.data.file_checks import TEXT_SUFFIXES, check_csv_quotes, check_header, check_path, check_text
 
 # suffix -> datasets builder

@@ -27,12 +27,12 @@ from typing import Any, Callable, Optional
 
 import datasets
 
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.data.conversations import CONVERSATIONS, OASST_TABLE, OASST_TREES, SAMSUM_CHAT, ConversationLayout
-from lightning_qpeft.data.errors import DataError
 from lightning_qpeft.data.random_tokens import random_token_splits
 from lightning_qpeft.data.readers import read_file, record_word
-from lightning_qpeft.data.synthetic import synthetic_e2e
-from lightning_qpeft.data.synthetic_mc import synthetic_mc_splits
+from lightning_qpeft.tasks.synthetic_e2e import synthetic_e2e
+from lightning_qpeft.tasks.synthetic_mc import synthetic_mc_splits
 
 __all__ = ["CANONICAL", "DataError", "Layout", "Task", "TASKS", "TaskSource", "get_task"]
 

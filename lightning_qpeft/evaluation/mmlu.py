@@ -1,5 +1,5 @@
-"""MMLU evaluation as QLoRA and Hendrycks define it: prompts (`mmlu_prompt.py`) from any layout
-(`mmlu_data.py`), scored on the A-D logits (`mmlu_scoring.py`), aggregated here into metrics and a report.
+"""MMLU evaluation as QLoRA and Hendrycks define it: prompts (`tasks/mmlu_prompt.py`) from any layout
+(`mmlu_sources.py`), scored on the A-D logits (`mmlu_scoring.py`), aggregated here into metrics and a report.
 
 Metrics (what `MMLUResults.metrics` returns and the callback logs):
     mmlu/accuracy          mean over questions: the number papers quote (Hendrycks' "Average accuracy")
@@ -28,8 +28,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from lightning_qpeft.evaluation.mmlu_categories import CATEGORIES, METRIC_NAMES, category_of
-from lightning_qpeft.evaluation.mmlu_prompt import CHOICES, Item
 from lightning_qpeft.evaluation.mmlu_scoring import (
     PADDING_SIDES,
     encode_prompts,
@@ -37,6 +35,8 @@ from lightning_qpeft.evaluation.mmlu_scoring import (
     plan_batches,
     score,
 )
+from lightning_qpeft.tasks.mmlu_categories import CATEGORIES, METRIC_NAMES, category_of
+from lightning_qpeft.tasks.mmlu_prompt import CHOICES, Item
 
 
 @dataclass

@@ -7,8 +7,8 @@ The files hold Hendrycks' prompts (`mmlu_prompt`), one `{"subject","input","outp
 five-shot files k was lowered per question until the prompt had at most 2048 tokens of the LLaMA-2 tokenizer,
 which is under Meta's licence and stays out of the repository. The k it gives is recorded instead, in
 `mmlu_qlora_k.json` beside this module (for each split and subject, the CSV rows, counted from 0, whose k is
-below 5), and the prompts are built with those k; with the LLaMA-2 tokenizer `mmlu_data.load_items("csv", ...)`
-derives the same k (tests/evaluation/test_mmlu_prompt.py). A built file must have the md5 of QLoRA's file or
+below 5), and the prompts are built with those k; with the LLaMA-2 tokenizer `mmlu_sources.load_items("csv", ...)`
+derives the same k (tests/tasks/test_mmlu_prompt.py). A built file must have the md5 of QLoRA's file or
 it is not written; writes are atomic (`utils/atomic.py`).
 """
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lightning_qpeft.data.errors import DataError
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.evaluation.mmlu_data import format_qlora_json, read_csv_folder
-from lightning_qpeft.evaluation.mmlu_prompt import build_items
+from lightning_qpeft.tasks.mmlu_prompt import build_items
 from lightning_qpeft.utils.atomic import atomic_file
 
 K_TABLE = Path(__file__).with_name("mmlu_qlora_k.json")

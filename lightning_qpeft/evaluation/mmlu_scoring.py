@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lightning_qpeft.core.tokens import prompt_bos
-from lightning_qpeft.evaluation.mmlu_prompt import CHOICES
+from lightning_qpeft.tasks.mmlu_prompt import CHOICES
 
 LETTER_TOKEN_MODES = ("qlora", "continuation")
 PADDING_SIDES = ("right", "left")

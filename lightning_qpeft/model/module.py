@@ -34,8 +34,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import AdaLoraConfig, BOFTConfig, IA3Config, VeraConfig
 from torchmetrics import MeanMetric
 
-from lightning_qpeft.callbacks.numerics import all_finite
+from lightning_qpeft.base_models.folders import resolve_base_model
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
+from lightning_qpeft.core.tensors import all_finite
 from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.distributed import check_flattenable, fsdp_param_dtype, global_token_mean
 from lightning_qpeft.model import compat
@@ -58,7 +59,7 @@ from lightning_qpeft.model.fused_loss import (
     supervised_hidden,
 )
 from lightning_qpeft.model.generation import Generation, generate
-from lightning_qpeft.model.loading import load_base_model, resolve_base_model
+from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.preparation import check_compile_scope, compile_layers, prepare_base
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.schedules import needs_total_steps

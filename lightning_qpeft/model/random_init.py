@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PreTrainedModel
 
-PREFIX = "random:"
+from lightning_qpeft.base_models.folders import RANDOM_PREFIX
 
 # Shapes of public LLaMA-family checkpoints (their config.json values).
 SHAPES: dict[str, dict] = {
@@ -41,15 +41,11 @@ SHAPES: dict[str, dict] = {
 }
 
 
-def is_random(name: str) -> bool:
-    return name.startswith(PREFIX)
-
-
 def random_config(name: str) -> LlamaConfig:
-    shape = name[len(PREFIX):]
+    shape = name[len(RANDOM_PREFIX):]
     if shape not in SHAPES:
         raise ValueError(f"model.base_model: unknown random shape {shape!r}; choose one of "
-                         f"{', '.join(PREFIX + s for s in SHAPES)}")
+                         f"{', '.join(RANDOM_PREFIX + s for s in SHAPES)}")
     return LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 

@@ -61,17 +61,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         configs = cfg.get("config") or []
         spec.name = Path(str(configs[-1])).stem if configs else "study"
     runner = StudyRunner(spec, rerun=cfg.rerun, max_cells=cfg.max_cells, precheck=cfg.precheck, devices=cfg.devices,
-                         workers=cfg.workers)
+                         workers=cfg.workers, report=write_reports)
     if cfg.dry_run:
         for cell in runner.cells:
             state = (runner.result(cell) or {}).get("status", "not run")
             print(f"{cell.id} [{state}]\n    python -m lightning_qpeft fit {shlex.join(runner.cell_args(cell))}")
         return
     if cfg.report_only:
-        write_reports(runner, plots=True)
+        write_reports(runner.results(), plots=True)
     else:
         runner.run()
     print(f"results: {runner.out / 'results.csv'}, report: {runner.out / 'report.md'}, "
           f"TensorBoard: tensorboard --logdir {runner.out / 'tb'}")
     if cfg.readme:
-        print(f"updated {update_readme(runner, cfg.readme, cfg.readme_assets)}")
+        print(f"updated {update_readme(runner.results(), cfg.readme, cfg.readme_assets)}")

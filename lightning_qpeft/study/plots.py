@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lightning_qpeft.study.collect import higher_is_better
 
 if TYPE_CHECKING:
-    from lightning_qpeft.study.runner import StudyRunner
+    from lightning_qpeft.study.results import StudyResults
 
 MEMORY_SOURCES = {
     "perf/peak_memory_gib": "peak GPU memory, GiB (perf/peak_memory_gib)",
@@ -57,17 +57,17 @@ def _done(rows: list[dict[str, Any]], *metrics: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["status"] == "done" and all(r.get(m) is not None for m in metrics)]
 
 
-def _varying(runner: StudyRunner) -> list[str]:
-    return [a for a in runner.spec.axes if len({c.labels[a] for c in runner.cells}) > 1]
+def _varying(study: StudyResults) -> list[str]:
+    return [a for a in study.spec.axes if len({c.labels[a] for c in study.cells}) > 1]
 
 
-def _cell_label(runner: StudyRunner, row: dict[str, Any], skip: Optional[str] = None) -> str:
-    varying = _varying(runner)
+def _cell_label(study: StudyResults, row: dict[str, Any], skip: Optional[str] = None) -> str:
+    varying = _varying(study)
     label = "/".join(str(row[a]) for a in varying if a != skip) or "/".join(str(row[a]) for a in varying)
     return "/".join(filter(None, [label, row.get("extra")])) or row["cell"]
 
 
-def scatter(runner: StudyRunner, rows: list[dict[str, Any]], x: str, x_label: str, y: str, path: Path) -> bool:
+def scatter(study: StudyResults, rows: list[dict[str, Any]], x: str, x_label: str, y: str, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +76,7 @@ def scatter(runner: StudyRunner, rows: list[dict[str, Any]], x: str, x_label: st
     pts = _done(rows, x, y)
     if not pts:
         return False
-    row_axis = runner.spec.row_axis
+    row_axis = study.spec.row_axis
     groups = list(dict.fromkeys(r[row_axis] for r in pts))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     cmap = plt.get_cmap("tab10")
@@ -84,7 +84,7 @@ def scatter(runner: StudyRunner, rows: list[dict[str, Any]], x: str, x_label: st
         sel = [r for r in pts if r[row_axis] == g]
         ax.scatter([r[x] for r in sel], [r[y] for r in sel], color=cmap(k % 10), label=f"{g}", s=28, zorder=3)
     for r in pts:
-        ax.annotate(_cell_label(runner, r, skip=row_axis), (r[x], r[y]), fontsize=6, xytext=(3, 2),
+        ax.annotate(_cell_label(study, r, skip=row_axis), (r[x], r[y]), fontsize=6, xytext=(3, 2),
                     textcoords="offset points", color="0.3")
     front = pareto_front([(r[x], r[y]) for r in pts], x_lower=not higher_is_better(x), y_lower=not higher_is_better(y))
     fx, fy = [pts[i][x] for i in front], [pts[i][y] for i in front]
@@ -92,7 +92,7 @@ def scatter(runner: StudyRunner, rows: list[dict[str, Any]], x: str, x_label: st
     ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="k", lw=1, zorder=4)
     ax.set_xlabel(x_label, fontsize=8)
     ax.set_ylabel(f"{y} ({'higher' if higher_is_better(y) else 'lower'} is better)", fontsize=8)
-    ax.set_title(f"{runner.spec.name}: {y} vs {x}", fontsize=9)
+    ax.set_title(f"{study.spec.name}: {y} vs {x}", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, title=row_axis, title_fontsize=7)
     ax.grid(alpha=0.3)
@@ -102,7 +102,7 @@ def scatter(runner: StudyRunner, rows: list[dict[str, Any]], x: str, x_label: st
     return True
 
 
-def bar_chart(runner: StudyRunner, rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
+def bar_chart(study: StudyResults, rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,15 +111,15 @@ def bar_chart(runner: StudyRunner, rows: list[dict[str, Any]], metric: str, path
     pts = _done(rows, metric)
     if not pts:
         return False
-    row_axis = runner.spec.row_axis
+    row_axis = study.spec.row_axis
     groups = list(dict.fromkeys(r[row_axis] for r in pts))
     cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(pts) + 1.5), 3.6), dpi=90)
     ax.bar(range(len(pts)), [r[metric] for r in pts],
            color=[cmap(groups.index(r[row_axis]) % 10) for r in pts])
-    ax.set_xticks(range(len(pts)), [_cell_label(runner, r) for r in pts], rotation=60, ha="right", fontsize=6)
+    ax.set_xticks(range(len(pts)), [_cell_label(study, r) for r in pts], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel(metric, fontsize=8)
-    ax.set_title(f"{runner.spec.name}: {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)",
+    ax.set_title(f"{study.spec.name}: {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)",
                  fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="y", alpha=0.3)
@@ -129,19 +129,19 @@ def bar_chart(runner: StudyRunner, rows: list[dict[str, Any]], metric: str, path
     return True
 
 
-def write_plots(runner: StudyRunner, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
+def write_plots(study: StudyResults, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
     """Write every plot the results allow; the list of files written (stale PNGs are removed first)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):
         old.unlink()
-    spec, written = runner.spec, []
+    spec, written = study.spec, []
     quality = spec.report.quality
     if spec.quality_meaningful:
         mem = first_present(_done(rows), MEMORY_SOURCES)
-        if mem and scatter(runner, rows, mem, MEMORY_SOURCES[mem], quality, out_dir / "quality_vs_memory.png"):
+        if mem and scatter(study, rows, mem, MEMORY_SOURCES[mem], quality, out_dir / "quality_vs_memory.png"):
             written.append(out_dir / "quality_vs_memory.png")
         speed = first_present(_done(rows), SPEED_SOURCES)
-        if speed and scatter(runner, rows, speed, SPEED_SOURCES[speed], quality, out_dir / "quality_vs_throughput.png"):
+        if speed and scatter(study, rows, speed, SPEED_SOURCES[speed], quality, out_dir / "quality_vs_throughput.png"):
             written.append(out_dir / "quality_vs_throughput.png")
     bars = spec.report.bars if spec.report.bars is not None else list(
         dict.fromkeys([*spec.report.metrics, *EFFICIENCY_BARS]))
@@ -149,6 +149,6 @@ def write_plots(runner: StudyRunner, rows: list[dict[str, Any]], out_dir: Path) 
         if not spec.quality_meaningful and metric == quality:
             continue
         path = out_dir / f"bar_{metric.replace('/', '_')}.png"
-        if bar_chart(runner, rows, metric, path):
+        if bar_chart(study, rows, metric, path):
             written.append(path)
     return [str(p) for p in written]

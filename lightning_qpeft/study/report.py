@@ -31,18 +31,19 @@ from lightning_qpeft.study.collect import (
     RUNNER_METRICS,
     higher_is_better,
 )
+from lightning_qpeft.study.plots import write_plots
 from lightning_qpeft.utils.atomic import atomic_file
 
 if TYPE_CHECKING:
-    from lightning_qpeft.study.runner import StudyRunner
+    from lightning_qpeft.study.results import StudyResults
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def result_rows(runner: StudyRunner) -> list[dict[str, Any]]:
+def result_rows(study: StudyResults) -> list[dict[str, Any]]:
     """One flat dict per cell of the grid: labels, status, error, metrics (missing: absent)."""
     rows = []
-    for cell in runner.cells:
-        res = runner.result(cell)
+    for cell in study.cells:
+        res = study.result(cell)
         row: dict[str, Any] = {"cell": cell.id, **cell.labels, "extra": cell.extra}
         if res is None:
             row["status"] = "not run"
@@ -68,8 +69,8 @@ def csv_value(v: Any) -> str:
     return str(v)
 
 
-def write_csv(path: Path, runner: StudyRunner, rows: list[dict[str, Any]]) -> None:
-    axes = list(runner.spec.axes)
+def write_csv(path: Path, study: StudyResults, rows: list[dict[str, Any]]) -> None:
+    axes = list(study.spec.axes)
     extra = ["extra"] if any(r.get("extra") for r in rows) else []
     columns = ["cell", *axes, *extra, "status", "error", *metric_columns(rows), "config"]
     buf = io.StringIO()
@@ -109,13 +110,13 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def pivot_table(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) -> str:
+def pivot_table(study: StudyResults, rows: list[dict[str, Any]], metric: str) -> str:
     """QLoRA-Table-4-style table of one metric: rows axis down, column axes across."""
-    spec = runner.spec
+    spec = study.spec
     row_axis, col_axes = spec.row_axis, spec.column_axes
     if any(r.get("extra") for r in rows):  # `include` cells with extra keys get columns of their own
         col_axes = [*col_axes, "extra"]
-    labels = {a: [lab for lab in _axis_labels(runner, a) if any(r.get(a) == lab for r in rows)] for a in spec.axes}
+    labels = {a: [lab for lab in _axis_labels(study, a) if any(r.get(a) == lab for r in rows)] for a in spec.axes}
     labels["extra"] = list(dict.fromkeys(r.get("extra", "") for r in rows))
     combos = [c for c in product(*(labels[a] for a in col_axes))
               if any(all(r.get(a) == lab for a, lab in zip(col_axes, c)) for r in rows)] or [()]
@@ -148,24 +149,24 @@ def pivot_table(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) ->
     return _md_table(header, table)
 
 
-def _table_or_absence(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) -> str:
+def _table_or_absence(study: StudyResults, rows: list[dict[str, Any]], metric: str) -> str:
     if any(r["status"] == "done" and r.get(metric) is not None for r in rows):
-        return pivot_table(runner, rows, metric)
+        return pivot_table(study, rows, metric)
     return f"No finished cell logged `{metric}` (its runs do not compute it)."
 
 
-def _axis_labels(runner: StudyRunner, axis: str) -> list[str]:
+def _axis_labels(study: StudyResults, axis: str) -> list[str]:
     out: list[str] = []
-    for c in runner.cells:
+    for c in study.cells:
         if c.labels[axis] not in out:
             out.append(c.labels[axis])
     return out
 
 
-def baseline_lines(runner: StudyRunner, rows: list[dict[str, Any]], metric: str) -> list[str]:
+def baseline_lines(study: StudyResults, rows: list[dict[str, Any]], metric: str) -> list[str]:
     """How each row label compares with the baseline label on `metric`: the relative difference of cells equal
     in every other axis, averaged, then per column of the table."""
-    spec = runner.spec
+    spec = study.spec
     base, axis = spec.report.baseline, spec.row_axis
     if base is None:
         return []
@@ -178,7 +179,7 @@ def baseline_lines(runner: StudyRunner, rows: list[dict[str, Any]], metric: str)
     done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None]
     base_by_key = {key(r): r[metric] for r in done if r.get(axis) == base}
     out = []
-    for lab in _axis_labels(runner, axis):
+    for lab in _axis_labels(study, axis):
         if lab == base:
             continue
         pairs = [(r, 100 * (r[metric] - base_by_key[key(r)]) / abs(base_by_key[key(r)])) for r in done
@@ -205,8 +206,8 @@ def summary_line(rows: list[dict[str, Any]]) -> str:
     return f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 
-def caveats(runner: StudyRunner) -> list[str]:
-    spec, out = runner.spec, []
+def caveats(study: StudyResults) -> list[str]:
+    spec, out = study.spec, []
     if spec.note:
         out.append(f"> {spec.note.strip()}")
     if not spec.quality_meaningful:
@@ -220,18 +221,18 @@ def _failure_lines(rows: list[dict[str, Any]]) -> list[str]:
             for r in rows if r["status"] in ("failed", "refused")]
 
 
-def markdown_report(runner: StudyRunner, rows: list[dict[str, Any]], plot_files: list[str]) -> str:
-    spec = runner.spec
-    notes = caveats(runner)
+def markdown_report(study: StudyResults, rows: list[dict[str, Any]], plot_files: list[str]) -> str:
+    spec = study.spec
+    notes = caveats(study)
     parts = [f"# Study: {spec.name}", "", *notes, *([""] if notes else []),
              f"{summary_line(rows)}. Base config `{spec.base_config}`; axes: "
-             + "; ".join(f"`{a}` ({', '.join(_axis_labels(runner, a))})" for a in spec.axes) + ".", ""]
+             + "; ".join(f"`{a}` ({', '.join(_axis_labels(study, a))})" for a in spec.axes) + ".", ""]
     for metric in spec.report.metrics:
         direction = "higher is better" if higher_is_better(metric) else "lower is better"
         meaningless = not spec.quality_meaningful and metric in QUALITY_METRICS
         parts += [f"## {metric} ({direction}{'; not meaningful: random weights' if meaningless else ''})", "",
-                  _table_or_absence(runner, rows, metric), ""]
-    lines = baseline_lines(runner, rows, spec.report.quality)
+                  _table_or_absence(study, rows, metric), ""]
+    lines = baseline_lines(study, rows, spec.report.quality)
     if lines:
         parts += [f"## Compared with {spec.report.baseline}", "", *lines, ""]
     present = [m for m in metric_columns(rows) if any(r.get(m) is not None for r in rows)]
@@ -251,28 +252,26 @@ def markdown_report(runner: StudyRunner, rows: list[dict[str, Any]], plot_files:
     return "\n".join(parts)
 
 
-def write_reports(runner: StudyRunner, plots: bool = True) -> list[dict[str, Any]]:
+def write_reports(study: StudyResults, plots: bool = True) -> list[dict[str, Any]]:
     """results.csv and report.md (and, with `plots`, the PNGs) from the cells' result.json files."""
-    from lightning_qpeft.study.plots import write_plots
-
-    rows = result_rows(runner)
-    out = runner.out
-    write_csv(out / "results.csv", runner, rows)
-    plot_files = write_plots(runner, rows, out / "plots") if plots else sorted(
+    rows = result_rows(study)
+    out = study.out
+    write_csv(out / "results.csv", study, rows)
+    plot_files = write_plots(study, rows, out / "plots") if plots else sorted(
         str(p) for p in (out / "plots").glob("*.png"))
     with atomic_file(out / "report.md", "w") as f:
-        f.write(markdown_report(runner, rows, plot_files))
+        f.write(markdown_report(study, rows, plot_files))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- README
-def readme_section(runner: StudyRunner, rows: list[dict[str, Any]], assets_rel: str) -> str:
-    spec = runner.spec
-    parts = [*caveats(runner), f"{summary_line(rows)}.", ""]
+def readme_section(study: StudyResults, rows: list[dict[str, Any]], assets_rel: str) -> str:
+    spec = study.spec
+    parts = [*caveats(study), f"{summary_line(rows)}.", ""]
     for metric in spec.report.metrics:
         parts += [f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better):", "",
-                  _table_or_absence(runner, rows, metric), ""]
-    lines = baseline_lines(runner, rows, spec.report.quality)
+                  _table_or_absence(study, rows, metric), ""]
+    lines = baseline_lines(study, rows, spec.report.quality)
     if lines:
         parts += [f"Compared with {spec.report.baseline}:", "", *lines, ""]
     failures = _failure_lines(rows)
@@ -283,24 +282,24 @@ def readme_section(runner: StudyRunner, rows: list[dict[str, Any]], assets_rel: 
     return "\n".join(parts).rstrip() + "\n"
 
 
-def update_readme(runner: StudyRunner, readme: str, assets_dir: Optional[str] = None) -> Path:
+def update_readme(study: StudyResults, readme: str, assets_dir: Optional[str] = None) -> Path:
     """Put the study's tables and plots between the README's markers; copy the plots beside it."""
     path = Path(readme)
-    begin, end = f"<!-- study:{runner.spec.name}:begin -->", f"<!-- study:{runner.spec.name}:end -->"
+    begin, end = f"<!-- study:{study.spec.name}:begin -->", f"<!-- study:{study.spec.name}:end -->"
     text = path.read_text()
     if begin not in text or end not in text or text.index(begin) > text.index(end):
         raise ValueError(f"readme: {readme} has no section marked {begin} ... {end}; add the two lines where the "
                          "study's tables should go")
-    assets = Path(assets_dir) if assets_dir else path.parent / "docs" / "study" / runner.spec.name
-    for stem in runner.spec.report.readme_plots:
-        src = runner.out / "plots" / f"{stem}.png"
+    assets = Path(assets_dir) if assets_dir else path.parent / "docs" / "study" / study.spec.name
+    for stem in study.spec.report.readme_plots:
+        src = study.out / "plots" / f"{stem}.png"
         if not src.exists():
             raise FileNotFoundError(f"report.readme_plots: {src} was not written (run the study first)")
         assets.mkdir(parents=True, exist_ok=True)
         with atomic_file(assets / src.name, "wb") as f, open(src, "rb") as s:
             shutil.copyfileobj(s, f)
     rel = Path(os.path.relpath(assets, path.parent)).as_posix()
-    section = readme_section(runner, result_rows(runner), rel)
+    section = readme_section(study, result_rows(study), rel)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with atomic_file(path, "w") as f:

@@ -7,7 +7,8 @@ Layout of the study folder (`output_dir`):
                                   adapter/, checkpoints/)
     cells/<cell id>/result.json   status, error, metrics: written atomically, last; it marks the cell finished
     tb/<cell id>/                 the cell's hparams summary (TensorBoard's HPARAMS view of the grid)
-    results.csv, report.md, plots/*.png   rewritten as cells finish (`report.py`)
+    results.csv, report.md, plots/*.png   rewritten as cells finish by the `report` the runner is given
+                                  (`report.write_reports` from the study command): a function of `StudyResults`
 
 A cell without result.json is run (again) from scratch: its run/ is deleted first, so a study killed in the
 middle of a cell loses that cell only. Killing the study kills the running cell too (PR_SET_PDEATHSIG).
@@ -41,6 +42,7 @@ from typing import Any, Callable, Optional
 import lightning_qpeft
 from lightning_qpeft.study.collect import collect_cell, is_refusal
 from lightning_qpeft.study.config import Cell, StudySpec, expand
+from lightning_qpeft.study.results import StudyResults, cell_dir, read_result, read_results
 from lightning_qpeft.utils.atomic import atomic_file
 
 RERUN = ("none", "failed", "all")
@@ -68,11 +70,14 @@ class StudyRunner:
             cell at a time, devices as the environment has them.
         workers: without `devices`, how many cells run at once (CPU studies: each process then gets
             cpu_count // workers threads through OMP_NUM_THREADS, unless the environment sets it).
+        report: called with the results after every cell (`plots=False`) and at the end (`plots=True`), e.g.
+            `report.write_reports`; None: the runner only writes each cell's result.json.
     """
 
     def __init__(self, spec: StudySpec, rerun: str = "none", max_cells: Optional[int] = None,
                  precheck: bool = True, python: str = sys.executable, log: Callable[[str], None] = print,
-                 devices: Optional[list[str]] = None, workers: int = 1) -> None:
+                 devices: Optional[list[str]] = None, workers: int = 1,
+                 report: Optional[Callable[[StudyResults, bool], Any]] = None) -> None:
         if rerun not in RERUN:
             raise ValueError(f"rerun: {rerun!r}; choose one of {', '.join(RERUN)}")
         if workers < 1:
@@ -89,17 +94,25 @@ class StudyRunner:
         self.log = log
         self.devices = [str(d) for d in devices or []]
         self.workers = workers
+        self.report = report
         self._lock = threading.RLock()  # progress lines, reports and the set of live processes
         self._live: set[subprocess.Popen] = set()
         self._done = 0
 
     # ------------------------------------------------------------------------------ layout
     def cell_dir(self, cell: Cell) -> Path:
-        return self.out / "cells" / cell.id
+        return cell_dir(self.out, cell)
 
     def result(self, cell: Cell) -> Optional[dict[str, Any]]:
-        path = self.cell_dir(cell) / "result.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_result(self.out, cell)
+
+    def results(self) -> StudyResults:
+        """The grid and every finished cell's result, as the study folder holds them now."""
+        return read_results(self.spec, self.cells)
+
+    def _write_report(self, plots: bool) -> None:
+        if self.report is not None:
+            self.report(self.results(), plots)
 
     def cell_args(self, cell: Cell) -> list[str]:
         # progress bars off (they would fill output.log), then the cell's own arguments, then its output folder
@@ -128,8 +141,6 @@ class StudyRunner:
             return self._run()
 
     def _run(self) -> list[Optional[dict[str, Any]]]:
-        from lightning_qpeft.study.report import write_reports
-
         self._done = 0
         todo = self.pending()
         if self.max_cells is not None:
@@ -149,7 +160,7 @@ class StudyRunner:
                 self._report_progress(cell, self.run_cell(cell, slots[0]), len(todo))
         else:
             self._run_parallel(runnable, len(todo), slots)
-        write_reports(self, plots=True)
+        self._write_report(plots=True)
         return [self.result(c) for c in self.cells]
 
     def slots(self) -> list[dict[str, str]]:
@@ -192,15 +203,13 @@ class StudyRunner:
             pool.shutdown(wait=True)
 
     def _report_progress(self, cell: Cell, res: dict[str, Any], total: int) -> None:
-        from lightning_qpeft.study.report import write_reports
-
         with self._lock:
             self._done += 1
             wall = res["metrics"].get("wall_time_s")
             self.log(f"[{self._done}/{total}] {cell.id}: {res['status']}"
                      + (f" in {wall:.0f} s" if wall is not None else "")
                      + (f" ({res['error'][:200]})" if res["error"] else ""))
-            write_reports(self, plots=False)
+            self._write_report(plots=False)
 
     def precheck(self, cells: list[Cell]) -> dict[str, str]:
         """Instantiate each cell's config here (no weights, no logger); cell id -> why it was refused."""

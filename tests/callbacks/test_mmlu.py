@@ -12,12 +12,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_qpeft.callbacks import AdapterExport, MMLUEvaluation
 from lightning_qpeft.cli import QPeftCLI
-from lightning_qpeft.data import synthetic_mc
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.evaluation.mmlu import MMLUEvaluator
-from lightning_qpeft.evaluation.mmlu_data import load_items
+from lightning_qpeft.evaluation.mmlu_sources import load_items
 from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.module import QPeftModule
+from lightning_qpeft.tasks import synthetic_mc
 from tests.conftest import cpu_trainer
 from tests.test_cli import scalars
 
@@ -128,7 +128,7 @@ def test_validate_scores_the_repositorys_mmlu_in_a_clone_without_shared(tiny_mod
 
 
 def load_tokenizer_for(path):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

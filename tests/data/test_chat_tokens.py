@@ -5,11 +5,11 @@ assistant answers and their end-of-turn tokens, padded and packed, for every tra
 import pytest
 import torch
 
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.data.chat_tokens import CHATML
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.data.sources import DataError
-from lightning_qpeft.model.loading import load_tokenizer
 from tests.conftest import write_jsonl
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

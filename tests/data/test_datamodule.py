@@ -5,7 +5,7 @@ import pytest
 from lightning_qpeft.data.collate import IGNORE_INDEX
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.data.sources import DataError
-from lightning_qpeft.data.templates import ALPACA
+from lightning_qpeft.tasks.templates import ALPACA
 from tests.conftest import write_jsonl
 
 
@@ -140,7 +140,7 @@ def test_malformed_files_are_refused_naming_file_and_line(tiny_model_dir, tmp_pa
 
 
 def test_record_with_no_target_token_is_dropped_with_file_and_row(tiny_model_dir, tmp_path):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     rows = [{"input": f"q{i}", "output": "" if i == 3 else f"a{i}"} for i in range(1, 9)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -8,7 +8,7 @@ import pytest
 from lightning_qpeft.data.collate import IGNORE_INDEX
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.data.sources import TASKS, DataError
-from lightning_qpeft.data.templates import get_template
+from lightning_qpeft.tasks.templates import get_template
 from tests.conftest import SHARED_DATA, write_jsonl
 
 DIALOGUES = [
@@ -203,7 +203,7 @@ def test_shared_e2e_dev_groups_to_547_meaning_representations(tiny_model_dir):
 
 
 def test_template_override_and_chat_template_with_a_single_bos(tiny_model_dir, alpaca_file):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     dm = NLGDataModule(tiny_model_dir, task="alpaca", path=alpaca_file, val_size=2, template="chat")
     dm.tokenizer = load_tokenizer(tiny_model_dir)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_qpeft.evaluation.mmlu import MMLUResults
-from lightning_qpeft.evaluation.mmlu_prompt import Item
+from lightning_qpeft.tasks.mmlu_prompt import Item
 
 
 def results():

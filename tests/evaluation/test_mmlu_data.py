@@ -6,14 +6,15 @@ import json
 import datasets
 import pytest
 
-from lightning_qpeft.data import synthetic_mc
 from lightning_qpeft.data.sources import DataError
-from lightning_qpeft.evaluation.mmlu_data import infer_k, load_items, read_qlora_json, select
+from lightning_qpeft.evaluation.mmlu_data import infer_k, read_qlora_json
+from lightning_qpeft.evaluation.mmlu_sources import load_items, select
+from lightning_qpeft.tasks import synthetic_mc
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from lightning_qpeft.model.loading import load_tokenizer
+    from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_qpeft.data.errors import DataError
-from lightning_qpeft.evaluation.mmlu_data import load_items
+from lightning_qpeft.core.data_error import DataError
 from lightning_qpeft.evaluation.mmlu_files import PROMPT_FILES, build_on_demand, fetch_mmlu
+from lightning_qpeft.evaluation.mmlu_sources import load_items
 from lightning_qpeft.fetch import ASSETS
 from tests.conftest import SHARED_DATA
 

@@ -5,11 +5,12 @@ import peft
 import pytest
 import torch
 
-from lightning_qpeft.data import synthetic_mc
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.evaluation.mmlu import MMLUEvaluator
-from lightning_qpeft.evaluation.mmlu_prompt import build_items
 from lightning_qpeft.evaluation.mmlu_scoring import encode_prompts, letter_token_ids, plan_batches
-from lightning_qpeft.model.loading import load_base_model, load_tokenizer
+from lightning_qpeft.model.loading import load_base_model
+from lightning_qpeft.tasks import synthetic_mc
+from lightning_qpeft.tasks.mmlu_prompt import build_items
 from tests.conftest import SHARED_DATA
 
 LLAMA2 = SHARED_DATA / "tokenizers" / "llama2"

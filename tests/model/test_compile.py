@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.model.module import QPeftModule
-from lightning_qpeft.model.loading import load_tokenizer
 from tests.model.test_fused_loss import LORA, losses_of
 
 

@@ -5,8 +5,9 @@ import peft
 import pytest
 import torch
 
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.model import random_init
-from lightning_qpeft.model.loading import load_base_model, load_tokenizer
+from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.module import QPeftModule
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,

@@ -16,12 +16,13 @@ import peft
 import pytest
 import torch
 
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.cli import QPeftCLI
 from lightning_qpeft.core.tokens import IGNORE_INDEX, prompt_bos, stop_token_ids
 from lightning_qpeft.data.collate import PadCollator, tokenize_records
-from lightning_qpeft.data.templates import get_template
 from lightning_qpeft.model.generation import Generation, generate
-from lightning_qpeft.model.loading import load_base_model, load_tokenizer
+from lightning_qpeft.model.loading import load_base_model
+from lightning_qpeft.tasks.templates import get_template
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -36,8 +36,9 @@ def finished(tmp_path_factory):
                    "metrics": {"val/loss": val, "perf/peak_memory_gib": {"none": 4.0, "nf4": 1.5, "fp4": 1.5}[q],
                                "perf/tokens_per_s": 1000.0 - 100 * val, "params/trainable": 7168.0}}
         runner._finish(cell, res, 10.0)
-    write_reports(runner)
-    return runner
+    results = runner.results()
+    write_reports(results)
+    return results
 
 
 def test_csv_has_a_row_per_cell_with_full_precision(finished):

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_qpeft.study.collect import collect_cell
 from lightning_qpeft.study.config import StudySpec
+from lightning_qpeft.study.report import write_reports
 from lightning_qpeft.study.runner import StudyRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def study(tiny_model_dir, tmp_path_factory):
     state["ids"] = dict(zip(["none", "nf2", "nf4"], ids))
 
     # 1) stopped after the first cell (as if interrupted between cells)
-    first = StudyRunner(spec, max_cells=1, log=lambda s: None)
+    first = StudyRunner(spec, max_cells=1, log=lambda s: None, report=write_reports)
     state["launched_1"] = tracked(first)
     state["results_1"] = first.run()
     done = out / "cells" / ids[0] / "result.json"
@@ -66,13 +67,13 @@ def study(tiny_model_dir, tmp_path_factory):
     (half / "run" / "lightning_logs" / "version_0" / "events.out.tfevents.0.killed").write_bytes(b"\x00garbage")
     (half / "output.log").write_text("Epoch 0: half way\n")
 
-    second = StudyRunner(spec, log=lambda s: None)
+    second = StudyRunner(spec, log=lambda s: None, report=write_reports)
     state["launched_2"] = tracked(second)
     state["results_2"] = second.run()
     state["mtime_done_after"] = done.stat().st_mtime_ns
 
     # 3) everything finished: a third invocation starts no process
-    third = StudyRunner(spec, log=state.setdefault("log_3", []).append)
+    third = StudyRunner(spec, log=state.setdefault("log_3", []).append, report=write_reports)
     third.launch = lambda cdir, *a: pytest.fail(f"finished cell {cdir.name} was run again")
     t0 = time.perf_counter()
     state["results_3"] = third.run()
@@ -178,7 +179,7 @@ def test_study_goes_on_after_a_failed_cell(tmp_path):
                      output_dir=str(tmp_path / "s"))
     # the stand-in fails the nf4 cell and "finishes" the int8 one (which then has no metrics)
     python = fake_python(tmp_path, 'case "$3" in */nf4-*) echo "boom" >&2; exit 1;; esac; exit 0')
-    results = StudyRunner(spec, precheck=False, python=python, log=lambda s: None).run()
+    results = StudyRunner(spec, precheck=False, python=python, log=lambda s: None, report=write_reports).run()
     assert [(r["status"], r["error"]) for r in results] == [("failed", "boom"), ("done", "")]
     rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
     assert [(r["status"], r["error"], r["val/loss"]) for r in rows] == [("failed", "boom", ""), ("done", "", "")]

@@ -9,7 +9,7 @@ Four "subjects", each asking for the one option of a kind among three words of a
 
 The kinds never overlap and no option word occurs in the header or the questions, so a model must recognise
 the kind of each option and bind it to its letter: MMLU's answer format without MMLU's knowledge. Every option
-is a word that the tiny offline tokenizer (trained on the E2E-style corpus of `synthetic.py`) holds as one
+is a word that the tiny offline tokenizer (trained on the E2E-style corpus of `synthetic_e2e.py`) holds as one
 token, with the same two tokens ("X", ".") between letter and option; measured on the 4-layer tiny LLaMA with
 LoRA, options of several tokens or of mixed shapes (digits carry an extra "Ġ") left it at chance for 500+ steps,
 this set does not. The correct letter is uniform over A-D, so answering by letter prior alone scores 25 %.
@@ -21,7 +21,7 @@ evaluation questions are never trained on.
 Two uses:
 - an MMLU-layout evaluation set (`questions(split)`, `write_mmlu_csv(folder)`), for tests and the offline
   default of the MMLU callback (`mmlu.source: synthetic`);
-- the training task `data.task: synthetic-mc` (registered in `sources.py`): records whose `input` is the
+- the training task `data.task: synthetic-mc` (registered in `data/sources.py`): records whose `input` is the
   zero-shot MMLU prompt, exactly as the MMLU scorer builds it, and whose `output` is the answer letter.
 """
 
@@ -32,7 +32,7 @@ import random
 import zlib
 from pathlib import Path
 
-from lightning_qpeft.evaluation.mmlu_prompt import CHOICES, Question, build_prompt
+from lightning_qpeft.tasks.mmlu_prompt import CHOICES, Question, build_prompt
 
 # Hendrycks' subcategory of each synthetic subject (nominal: it lets the offline run exercise all four
 # category means; mmlu_categories maps it on to a category)

@@ -2,13 +2,15 @@
 
 Category accuracy is the mean over the category's questions (Hendrycks concatenates the per-question results
 of its subjects), not the mean of its subjects' accuracies. The synthetic subjects of
-`lightning_qpeft.data.synthetic_mc` carry their own category so the offline run exercises the same path.
+`lightning_qpeft.tasks.synthetic_mc` carry their own category so the offline run exercises the same path.
 Metric names: `mmlu/category/{stem,humanities,social_sciences,other}`.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
+from lightning_qpeft.tasks.synthetic_mc import SUBJECT_SUBCATEGORIES
 
 SUBCATEGORIES: dict[str, str] = {
     "abstract_algebra": "math",
@@ -88,9 +90,5 @@ _CATEGORY_OF_SUBCATEGORY = {sub: cat for cat, subs in CATEGORIES.items() for sub
 
 def category_of(subject: str) -> Optional[str]:
     """Hendrycks' category of a subject (real or synthetic); None for a subject no table knows."""
-    sub = SUBCATEGORIES.get(subject)
-    if sub is None:
-        from lightning_qpeft.data.synthetic_mc import SUBJECT_SUBCATEGORIES
-
-        sub = SUBJECT_SUBCATEGORIES.get(subject)
+    sub = SUBCATEGORIES.get(subject, SUBJECT_SUBCATEGORIES.get(subject))
     return _CATEGORY_OF_SUBCATEGORY.get(sub) if sub is not None else None

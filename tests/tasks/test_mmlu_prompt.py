@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_qpeft.evaluation.mmlu_data import format_qlora_json, load_items, read_qlora_json, token_counter
-from lightning_qpeft.evaluation.mmlu_prompt import Question, build_items, build_prompt, format_subject
+from lightning_qpeft.evaluation.mmlu_data import format_qlora_json, read_qlora_json, token_counter
+from lightning_qpeft.evaluation.mmlu_sources import load_items
+from lightning_qpeft.tasks.mmlu_prompt import Question, build_items, build_prompt, format_subject
 from tests.conftest import SHARED_DATA
 
 MMLU = SHARED_DATA / "mmlu"

@@ -3,8 +3,8 @@
 from collections import Counter
 from pathlib import Path
 
-from lightning_qpeft.data.synthetic_mc import SUBJECTS
-from lightning_qpeft.evaluation.mmlu_categories import CATEGORIES, SUBCATEGORIES, category_of
+from lightning_qpeft.tasks.mmlu_categories import CATEGORIES, SUBCATEGORIES, category_of
+from lightning_qpeft.tasks.synthetic_mc import SUBJECTS
 
 MMLU = Path(__file__).resolve().parents[2] / "data" / "mmlu"
 

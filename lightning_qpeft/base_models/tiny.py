@@ -18,6 +18,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from lightning_qpeft.tasks.synthetic_e2e import tokenizer_corpus
+
 # A few layers, hidden 128: about 1 M parameters, a fit in minutes on two CPU cores.
 # initializer_range 1/sqrt(hidden) instead of LLaMA's 0.02: with 0.02 the frozen random LM head caps every
 # logit near 2.5, so no adapter can push the loss below ~4.4 nats (measured); a pretrained head has no such cap.
@@ -38,8 +40,6 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 def build_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the built-in corpus (deterministic)."""
-    from lightning_qpeft.data.synthetic import tokenizer_corpus
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

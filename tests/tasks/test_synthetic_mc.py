@@ -5,11 +5,11 @@ from collections import Counter
 
 import pytest
 
-from lightning_qpeft.data import synthetic_mc
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 from lightning_qpeft.data.datamodule import NLGDataModule
-from lightning_qpeft.evaluation.mmlu_prompt import build_prompt
 from lightning_qpeft.evaluation.mmlu_scoring import encode_prompts, letter_token_ids
-from lightning_qpeft.model.loading import load_tokenizer
+from lightning_qpeft.tasks import synthetic_mc
+from lightning_qpeft.tasks.mmlu_prompt import build_prompt
 
 
 def key(q):
@@ -101,8 +101,8 @@ def test_a_short_fit_moves_the_scored_answers_to_the_trained_letters(tiny_model_
     import torch
 
     from lightning_qpeft.evaluation.mmlu import MMLUEvaluator
-    from lightning_qpeft.evaluation.mmlu_prompt import Item
     from lightning_qpeft.model.module import QPeftModule
+    from lightning_qpeft.tasks.mmlu_prompt import Item
     from tests.conftest import cpu_trainer
 
     lightning.seed_everything(0)
