@@ -12,7 +12,8 @@ the kind of each option and bind it to its letter: MMLU's answer format without 
 is a word that the tiny offline tokenizer (trained on the E2E-style corpus of `synthetic.py`) holds as one
 token, with the same two tokens ("X", ".") between letter and option: with options of several tokens or of mixed
 shapes (digits carry an extra "Ġ") the 4-layer tiny LLaMA with LoRA stays at chance for hundreds of steps, with
-this set it does not (docs/mmlu.md, the offline demonstration). The correct letter is uniform over A-D, so answering by letter prior alone scores 25 %.
+this set it does not (docs/mmlu.md, the offline demonstration). The correct letter is uniform over A-D, so
+answering by letter prior alone scores 25 %.
 
 Splits are disjoint by construction: a question (its text and its set of options, in any order) belongs to
 the split its CRC-32 selects (`test` 10 %, `val` 10 %, `dev` 10 %, `train` 70 %), whatever the seed, so

@@ -67,14 +67,14 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, s
     (`decoder_layer`: its norms and residual adds too), in place; returns how many modules were compiled.
 
     Why inside the layers and not the whole model (whole-model compile trades memory for speed:
-    docs/decisions/001-compiled-decoder-layers.md): transformers' gradient checkpointing wraps each decoder layer's forward. A
-    compiled region inside that wrapper is an ordinary call to it: whatever the compiled graph saves for
-    backward is dropped by the checkpoint and recomputed, so memory stays that of eager checkpointing. A graph
-    spanning the checkpoints is partitioned by AOTAutograd instead, which decides on its own what to save: the
-    bf16 weights that bitsandbytes dequantizes for the forward matmul are needed again by the input-gradient
-    matmul, and a dequantization is not on the partitioner's list of ops cheap to recompute, so keeping a
-    bf16 copy of every layer's weights (~12 GiB on Llama-2-7B) is its likely choice (the measured memory and why it
-    is still a hypothesis: docs/decisions/001-compiled-decoder-layers.md).
+    docs/decisions/001-compiled-decoder-layers.md): transformers' gradient checkpointing wraps each decoder
+    layer's forward. A compiled region inside that wrapper is an ordinary call to it: whatever the compiled
+    graph saves for backward is dropped by the checkpoint and recomputed, so memory stays that of eager
+    checkpointing. A graph spanning the checkpoints is partitioned by AOTAutograd instead, which decides on its
+    own what to save: the bf16 weights that bitsandbytes dequantizes for the forward matmul are needed again by
+    the input-gradient matmul, and a dequantization is not on the partitioner's list of ops cheap to recompute,
+    so keeping a bf16 copy of every layer's weights (~12 GiB on Llama-2-7B) is its likely choice (the measured
+    memory, and why this is still a hypothesis: docs/decisions/001-compiled-decoder-layers.md).
     Every layer runs the same code, so one compiled graph serves all of them (recompiled per new shape).
     `decoder_layer` makes one graph of each layer instead of two (fewer graph calls, and the norms and residual
     adds no longer run as eager kernels): `compile_decoder_layer` keeps the checkpoint outside that graph.
