@@ -115,8 +115,8 @@ class QPeftFSDPStrategy(FSDPStrategy):
         Lightning re-keys it by position in `model.parameters()` (`rekey_optim_state_dict(..., PARAM_ID,
         model)`) and back by position at resume. Under `use_orig_params` that order changes once the model has
         run a step (the trained model lists the adapter's tensors first, a freshly wrapped one the embeddings),
-        so the resumed ids named the wrong tensors (measured: a resume on one H200 failed with KeyError
-        'model.base_model.model.model.embed_tokens.weight'). Lightning's load takes names as they are.
+        so ids would name the wrong tensors at resume (docs/decisions/003-fsdp-units-and-names.md); keyed by name
+        the state is independent of that order, and Lightning's load takes names as they are.
         """
         from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
         from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -142,9 +142,9 @@ def wrap_policy(module: nn.Module) -> Any:
 
     peft reads the decoder layer's class from `_no_split_modules`, which the transformers model has and the
     LightningModule (what Lightning wraps) does not: given the LightningModule, its policy wraps no decoder
-    layer, so the whole base became one root unit - every rank held it twice while FSDP flattened it
-    (measured on one H200, Llama-2-7B: set-up peak 7.75 GiB for 4.20 resident; 4.69 with this policy) and
-    gathered all of it for each forward.
+    layer, so the whole base would become one root unit - every rank would hold it twice while FSDP flattened it
+    and gather all of it for each forward. Given the transformers model, a GPU's set-up peak stays its shard plus
+    the unit being wrapped (docs/decisions/003-fsdp-units-and-names.md).
     """
     from peft.utils.other import fsdp_auto_wrap_policy
 

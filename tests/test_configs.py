@@ -1,5 +1,6 @@
 """Every YAML under configs/ parses and instantiates; a misspelled key fails naming it."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,19 @@ MODEL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
                        if p.parent.name not in ("adapter", "study") and p.parent != ROOT / "configs")
 
 
+def overlaid(config: Path) -> list[str]:
+    """`--config` arguments that run `config`: an overlay (its header says `# Overlay of: BASE`) after its base."""
+    base = re.search(r"^# Overlay of: (\S+)$", config.read_text(encoding="utf-8"), flags=re.M)
+    return (["--config", str(ROOT / base.group(1))] if base else []) + ["--config", str(config)]
+
+
 def test_there_are_configs():
     assert RUN_CONFIGS and ADAPTER_CONFIGS
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
 def test_run_config_instantiates(config, tiny_model_dir):
-    cli = QPeftCLI(args=["--config", str(config), "--model.base_model", tiny_model_dir,
+    cli = QPeftCLI(args=[*overlaid(config), "--model.base_model", tiny_model_dir,
                          "--trainer.logger", "false"], run=False)
     assert cli.model.base_model == tiny_model_dir
     assert cli.datamodule.tokenizer_name == tiny_model_dir  # linked from model.base_model
@@ -61,6 +68,23 @@ def test_adapter_config_instantiates(adapter, tiny_model_dir):
     # the YAML must state those, or e.g. LoRA's r=16 would land in OFTConfig.r
     alone = compat.load_method_config(row, base_model=tiny_model_dir)
     assert adapter_to_dict(cli.model.adapter) == adapter_to_dict(alone)
+
+
+def test_an_overlay_changes_only_its_own_keys(tiny_model_dir):
+    """configs/tiny-mmlu.yaml over configs/tiny.yaml: the overlay's keys win, every other key is tiny.yaml's."""
+    overlay = ROOT / "configs" / "tiny-mmlu.yaml"
+    assert overlaid(overlay)[:2] == ["--config", str(ROOT / "configs" / "tiny.yaml")]
+    args = ["--model.base_model", tiny_model_dir, "--trainer.logger", "false"]
+    base = QPeftCLI(args=["--config", str(ROOT / "configs" / "tiny.yaml"), *args], run=False)
+    cli = QPeftCLI(args=[*overlaid(overlay), *args], run=False)
+    assert (cli.datamodule.task, cli.datamodule.template_name, cli.datamodule.target_max_len,
+            cli.datamodule.batch_size) == ("synthetic-mc", "plain", 2, 32)
+    assert cli.config.mmlu.enabled and cli.config.mmlu.source == "synthetic"
+    assert cli.config.model.optimizer.init_args.lr == 0.001 != base.config.model.optimizer.init_args.lr
+    assert adapter_to_dict(cli.model.adapter) == adapter_to_dict(base.model.adapter)  # tiny.yaml's LoRA
+    for key in ("quantization", "compute_dtype", "gradient_checkpointing", "lr_scheduler"):
+        assert cli.config.model[key] == base.config.model[key], key
+    assert cli.config.trainer == base.config.trainer
 
 
 def test_print_config_shows_resolved_config(capsys):

@@ -72,3 +72,46 @@ def test_package_docstrings_cite_no_path_outside_the_repository():
     cited = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "lightning_qpeft").rglob("*.py"))
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "../shared" in line]
     assert cited == []
+
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped (hyphens and underscores kept), spaces -> '-'."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """Relative links of a Markdown page whose file is missing or outside `root`, or whose #anchor is no heading."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or root.resolve() not in [file, *file.parents]:
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text(encoding="utf-8")):
+            broken.append(target)
+    return broken
+
+
+# README and the pages it links (a study's report.md under docs/study/ is its output, linking the study's folder)
+DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md") if "study" not in p.parts),
+        *sorted((ROOT / "benchmarks").glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    assert broken_links(page) == []
+
+
+def test_the_link_check_finds_broken_links(tmp_path):
+    assert _anchors("# A title (`x.yaml`)\n## Findings (real weights)\n") == {"a-title-xyaml", "findings-real-weights"}
+    (tmp_path / "b.md").write_text("# Here\n")
+    page = tmp_path / "a.md"
+    page.write_text("[ok](b.md) [ok](b.md#here) [ok](#top) [web](https://x.org/y) [gone](c.md) [no](b.md#there)\n"
+                    "# Top\n```\n[code](not-checked.md)\n```\n")
+    assert broken_links(page, tmp_path) == ["c.md", "b.md#there"]

@@ -12,10 +12,10 @@ fields). This table is the single source of:
   replaces it between the markers (a test keeps README equal to the generated table);
 - the tests, which are parametrized over `METHODS` x `QUANT_COLUMNS`.
 
-Every OK cell was measured with this project's code on the tiny LLaMA on the CPU (peft 0.21.2,
-bitsandbytes 0.50.2): a few optimizer steps train the adapter and leave the base untouched, the export reloads
-in plain peft with identical logits, generate works (tests/model/test_adapters.py). CUDA cells are refused on
-the CPU and checked on a GPU by benchmarks/adapter_cuda_cells.py.
+Every OK cell holds on the tiny LLaMA on the CPU at the pinned versions (constraints.txt): a few optimizer steps
+train the adapter and leave the base untouched, the export reloads in plain peft with identical logits, generate
+works (tests/model/test_adapters.py). CUDA cells are refused on the CPU and checked on a GPU by
+benchmarks/adapter_cuda_cells.py. What each refusal rests on: docs/decisions/005-compat-refusals.md.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("qlora", "peft.LoraConfig", f"{LORA_TRAINS} (every linear layer, r=64: QLoRA)", alias_of="lora"),
     Method("dora", "peft.LoraConfig", "LoRA direction + a trained magnitude per output feature",
            cuda_only=_on(("int8",), "bitsandbytes' CPU int8 matmul fails once DoRA has read the int8 weight "
-                                    "(its scale state is lost; measured with bitsandbytes 0.50.2)")),
+                                    "(its scale state is lost)")),
     Method("rslora", "peft.LoraConfig", "LoRA scaled by alpha/sqrt(r) (every linear layer, r=64)"),
     Method("pissa", "peft.LoraConfig", "LoRA initialised from the top singular vectors of W; W becomes the residual",
            refused=_on(QUANTIZED, "PiSSA takes the SVD of the weight and writes the residual back, which needs "
@@ -125,9 +125,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            refused={"none": "LoftQ initialises LoRA against the error of a 4-bit quantization, and an "
                             "unquantized base has none",
                     "int8": "peft's LoftQ initialisation handles 4-bit layers only",
-                    # measured on an H200 (benchmarks/adapter_cuda_cells.py, peft 0.21.0, bitsandbytes 0.50.2):
-                    # the initialisation and training run, but the export does not load back into plain peft
-                    **_on(FOUR_BIT, "measured on CUDA: LoftQ trains, but its exported adapter does not load back "
+                    # the initialisation and training run on CUDA, but the export does not load back into plain
+                    # peft (docs/decisions/005-compat-refusals.md)
+                    **_on(FOUR_BIT, "LoftQ trains on CUDA, but its exported adapter does not load back "
                                     "into peft (state_dict mismatch), so the run's result could not be used; "
                                     "use qlora (LoRA on every linear layer) instead")},
            identity_at_init=False, reads_weight=True),
@@ -147,7 +147,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            refused={**_on(FOUR_BIT, "peft's HRA has no 4-bit layer (it multiplies the packed 4-bit weight and "
                                     "fails)"),
                     "int8": "peft's HRA multiplies the stored int8 values as if they were the weight: it trains, "
-                            "but computes another function (logits off by ~5 at initialisation, measured)"}),
+                            "but computes another function (its logits differ from the base's at initialisation)"}),
     Method("prefix_tuning", "peft.PrefixTuningConfig", "key/value vectors prepended to every attention layer",
            identity_at_init=False, merge=PROMPT_MERGE),
     Method("prompt_tuning", "peft.PromptTuningConfig", "virtual input embeddings (random init)",
@@ -234,9 +234,8 @@ LOST_UPDATES = "AdamW's updates smaller than the 16-bit rounding step of a weigh
 def _full_fp32(s: Setting) -> Optional[str]:
     if s.name == "full" and s.dtype != "float32":
         return (f"model.adapter=full cannot run with model.dtype={s.dtype}: every weight trains, in the dtype it is "
-                f"loaded in, with no float32 master copy, and {LOST_UPDATES} (measured in bfloat16 at lr 1e-3: the "
-                "norm weights did not change); use model.dtype=float32 (trainer.precision=bf16-mixed still "
-                "computes in bfloat16)")
+                f"loaded in, with no float32 master copy, and {LOST_UPDATES}; use model.dtype=float32 "
+                "(trainer.precision=bf16-mixed still computes in bfloat16)")
     return None
 
 
@@ -244,7 +243,7 @@ def _ln_tuning_fp32_norms(s: Setting) -> Optional[str]:
     if s.name == "ln_tuning" and not s.upcast_norms and s.weights_dtype != "float32":
         return (f"model.adapter=ln_tuning cannot run with model.upcast_norms=false: the trained norm weights would "
                 f"stay in {s.weights_dtype if s.weights_dtype != 'auto' else 'the checkpoint dtype'}, and "
-                f"{LOST_UPDATES} (measured in bfloat16 at lr 1e-3: none changed); set model.upcast_norms=true")
+                f"{LOST_UPDATES}; set model.upcast_norms=true")
     return None
 
 
@@ -261,7 +260,7 @@ def _randomized_pissa(s: Setting) -> Optional[str]:
     if s.name == "pissa" and isinstance(init, str) and init.startswith("pissa_niter"):
         return (f"model.adapter=pissa cannot use model.adapter.init_args.init_lora_weights={init}: peft re-runs "
                 "the randomized SVD when it loads the adapter, so the export would not reproduce the trained "
-                "model (measured); use init_lora_weights=pissa")
+                "model; use init_lora_weights=pissa")
     return None
 
 

@@ -66,15 +66,15 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, s
     """`torch.compile` every decoder layer's attention and MLP (`scope: attention_mlp`) or the whole layer
     (`decoder_layer`: its norms and residual adds too), in place; returns how many modules were compiled.
 
-    Why inside the layers and not the whole model (the peer's `torch.compile(model)`, +44 % speed at 2.1x memory,
-    benchmarks/RESULTS.md): transformers' gradient checkpointing wraps each decoder layer's forward. A
-    compiled region inside that wrapper is an ordinary call to it: whatever the compiled graph saves for
-    backward is dropped by the checkpoint and recomputed, so memory stays that of eager checkpointing. A graph
-    spanning the checkpoints is partitioned by AOTAutograd instead, which decides on its own what to save: the
-    bf16 weights that bitsandbytes dequantizes for the forward matmul are needed again by the input-gradient
-    matmul, and a dequantization is not on the partitioner's list of ops cheap to recompute, so keeping a
-    bf16 copy of every layer's weights (~12 GiB on Llama-2-7B) is its likely choice: consistent with the
-    +10 GiB measured, but a hypothesis until a memory snapshot on the GPU confirms it (benchmarks/RESULTS.md).
+    Why inside the layers and not the whole model (whole-model compile trades memory for speed:
+    docs/decisions/001-compiled-decoder-layers.md): transformers' gradient checkpointing wraps each decoder
+    layer's forward. A compiled region inside that wrapper is an ordinary call to it: whatever the compiled
+    graph saves for backward is dropped by the checkpoint and recomputed, so memory stays that of eager
+    checkpointing. A graph spanning the checkpoints is partitioned by AOTAutograd instead, which decides on its
+    own what to save: the bf16 weights that bitsandbytes dequantizes for the forward matmul are needed again by
+    the input-gradient matmul, and a dequantization is not on the partitioner's list of ops cheap to recompute,
+    so keeping a bf16 copy of every layer's weights (~12 GiB on Llama-2-7B) is its likely choice (the measured
+    memory, and why this is still a hypothesis: docs/decisions/001-compiled-decoder-layers.md).
     Every layer runs the same code, so one compiled graph serves all of them (recompiled per new shape).
     `decoder_layer` makes one graph of each layer instead of two (fewer graph calls, and the norms and residual
     adds no longer run as eager kernels): `compile_decoder_layer` keeps the checkpoint outside that graph.
@@ -112,9 +112,8 @@ def compile_decoder_layer(layer: nn.Module, options: Optional[dict[str, Any]] = 
     set it). Either way each layer is checkpointed once and the checkpoint keeps only its inputs, as in eager.
 
     Why not trace the checkpoint into the graph (two graph calls a layer and step instead of three, the
-    recomputation fused with the backward): on an H200 with torch 2.11, inductor's partitioner failed on such a
-    layer with LoRA dropout ("Node add_571 was invalid, but is output"; without dropout it trained;
-    benchmarks/RESULTS.md).
+    recomputation fused with the backward): inductor's partitioner fails on such a layer with LoRA dropout on
+    CUDA (docs/decisions/001-compiled-decoder-layers.md).
     """
     from functools import partial
 

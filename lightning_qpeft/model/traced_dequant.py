@@ -2,10 +2,10 @@
 
 bitsandbytes exposes its CUDA kernels as torch.library ops whose kernels are Python functions (argument checks,
 buffer allocation, a ctypes call). A compiled decoder layer calls them as opaque ops, one Python dispatch each:
-every 4-bit weight is dequantized three times a step, in four ops (bitsandbytes 0.50: the forward and the
-checkpoint's recomputation call `gemm_4bit`, dequantization + matmul in one op; the input gradient calls
-`dequantize_blockwise` for the double-quantized absmax, then `dequantize_4bit`): ~900 Python kernel calls a step
-on Llama-2-7B's 224 adapted weights, a visible share of the training loop under py-spy (benchmarks/RESULTS.md).
+every 4-bit weight is dequantized three times a step, in four ops (the forward and the checkpoint's
+recomputation call `gemm_4bit`, dequantization + matmul in one op; the input gradient calls
+`dequantize_blockwise` for the double-quantized absmax, then `dequantize_4bit`): four Python dispatches per
+adapted weight and step, ~900 on Llama-2-7B's 224 (what that costs: docs/decisions/002-traced-dequantization.md).
 
 The arithmetic is small: a code-table lookup of each nibble (high one first), times its block's fp32 absmax,
 cast to the compute dtype; with double quantization the absmax is first looked up in an 8-bit table and scaled
@@ -16,8 +16,8 @@ and registered as inductor decompositions of `dequantize_4bit`, `dequantize_bloc
 weight's two dequantizations into its generated kernels, launched from its wrapper code without Python
 dispatch. The values are bitsandbytes' own (tests/model/test_traced_dequant.py: bit-identical to its kernels on
 the CPU, NF4 and FP4, with and without double quantization, bf16/fp16/fp32; its CUDA kernels compute the same
-fp32 product and cast; on a GPU the 7B training with it matches the peer's within the same-training check's bf16
-tolerance: benchmarks/RESULTS.md). For a micro-batch of at most
+fp32 product and cast, so on a GPU training with it is the same within bf16 rounding:
+docs/decisions/002-traced-dequantization.md). For a micro-batch of at most
 1,536 rows bitsandbytes' CUDA `gemm_4bit` runs its own fused 4-bit GEMM, which this
 replaces by dequantization + cuBLAS: same values up to the matmul's summation order.
 

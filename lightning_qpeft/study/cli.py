@@ -2,7 +2,8 @@
 
     python -m lightning_qpeft study --config configs/study/tiny.yaml [--rerun failed] [--max_cells N]
     python -m lightning_qpeft study --config configs/study/device-efficiency.yaml --devices [0,1,2,3]
-    python -m lightning_qpeft study --config configs/study/tiny.yaml --report_only true --readme README.md
+    python -m lightning_qpeft study --config configs/study/tiny.yaml --report_only true --readme docs/studies.md
+        --readme_assets docs/study/tiny      (the tables and plots between docs/studies.md's markers)
 
 The study config's keys are `StudySpec`'s (see config.py, or `--help`); every key can also be given or
 overridden on the command line, e.g. `--output_dir /tmp/s`, or `--args+=--model.base_model=/ckpt/llama`

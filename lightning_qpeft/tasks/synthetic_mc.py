@@ -10,9 +10,10 @@ Four "subjects", each asking for the one option of a kind among three words of a
 The kinds never overlap and no option word occurs in the header or the questions, so a model must recognise
 the kind of each option and bind it to its letter: MMLU's answer format without MMLU's knowledge. Every option
 is a word that the tiny offline tokenizer (trained on the E2E-style corpus of `synthetic_e2e.py`) holds as one
-token, with the same two tokens ("X", ".") between letter and option; measured on the 4-layer tiny LLaMA with
-LoRA, options of several tokens or of mixed shapes (digits carry an extra "Ġ") left it at chance for 500+ steps,
-this set does not. The correct letter is uniform over A-D, so answering by letter prior alone scores 25 %.
+token, with the same two tokens ("X", ".") between letter and option: with options of several tokens or of mixed
+shapes (digits carry an extra "Ġ") the 4-layer tiny LLaMA with LoRA stays at chance for hundreds of steps, with
+this set it does not (docs/mmlu.md, the offline demonstration). The correct letter is uniform over A-D, so
+answering by letter prior alone scores 25 %.
 
 Splits are disjoint by construction: a question (its text and its set of options, in any order) belongs to
 the split its CRC-32 selects (`test` 10 %, `val` 10 %, `dev` 10 %, `train` 70 %), whatever the seed, so

@@ -2,8 +2,9 @@
 
 Why our own: Lightning's `ThroughputMonitor` needs a FLOP count we would have to measure with FlopCounterMode
 (which cannot see inside bitsandbytes' 4-bit kernels and counts packed 4-bit weights wrongly), and its device
-table did not know 'NVIDIA H200' when this project started (ARCHITECTURE.md). A transformer's FLOPs follow
-from its config, so we count them from the config: hidden, intermediate, layers, heads, KV heads, vocab.
+table holds datasheet peaks, where ours holds what a bf16 matmul reaches on the H200 (below;
+docs/decisions/004-flops-and-peaks.md). A transformer's FLOPs follow from its config, so we count them from the
+config: hidden, intermediate, layers, heads, KV heads, vocab.
 
 The count, per optimizer step (all FLOPs are multiply-adds x 2):
 
@@ -23,10 +24,10 @@ The count, per optimizer step (all FLOPs are multiply-adds x 2):
 6 per trainable parameter per token, exact for LoRA (x @ A^T @ B^T), an upper bound for IA3-like scalings.
 MFU = model FLOPs / (seconds * devices * peak); HFU the same with hardware FLOPs.
 
-Peaks: dense (no sparsity) tensor-core rates from the vendors' datasheets, except the H200, where we use the
-rate measured on this project's H200s: 790e12 bf16 (an 8192^3 bf16 matmul ran at 769-798 TFLOP/s; the
-datasheet's 989e12 is not reached by any matmul there). So MFU here is relative to what a matmul can reach;
-multiply by 790/989.4 for datasheet-relative MFU. `efficiency.peak_flops` overrides the table.
+Peaks: dense (no sparsity) tensor-core rates from the vendors' datasheets, except the H200 (SXM), whose bf16
+entry, 790e12, is the rate a large bf16 matmul reaches there; no matmul reaches the datasheet's 989.4e12
+(the measurement: docs/decisions/004-flops-and-peaks.md). So MFU on an H200 is relative to what a matmul can
+reach; multiply by 790/989.4 for datasheet-relative MFU. `efficiency.peak_flops` overrides the table.
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ _DATASHEET = "vendor datasheet, dense"
 DEVICE_PEAKS: list[tuple[str, DevicePeak]] = [
     (r"gh200", DevicePeak(989.4e12, 494.7e12, 66.9e12, _DATASHEET)),
     (r"h200 nvl", DevicePeak(835.5e12, 417.5e12, 60.0e12, _DATASHEET)),
-    # 'NVIDIA H200' (SXM): the bf16 rate measured here (module docstring); datasheet 989.4e12
-    (r"h200", DevicePeak(790e12, 494.7e12, 66.9e12, "measured on this project's H200 (datasheet 989.4e12)")),
+    # 'NVIDIA H200' (SXM): the bf16 rate a matmul reaches (module docstring); datasheet 989.4e12
+    (r"h200", DevicePeak(790e12, 494.7e12, 66.9e12, "the bf16 rate a matmul reaches on an H200 (datasheet 989.4e12)")),
     (r"h100.*(pcie|hbm2e)", DevicePeak(756.5e12, 378.0e12, 51.2e12, _DATASHEET)),
     (r"h100 nvl", DevicePeak(835.5e12, 417.5e12, 60.0e12, _DATASHEET)),
     (r"h100", DevicePeak(989.4e12, 494.7e12, 66.9e12, _DATASHEET)),  # SXM ('NVIDIA H100 80GB HBM3')

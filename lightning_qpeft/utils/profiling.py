@@ -38,9 +38,8 @@ def category(kernel: str) -> str:
 def is_annotation(name: str) -> bool:
     """A record_function range shown on the device timeline (e.g. `Optimizer.step#PagedAdamW32bit.step`), not a
     kernel: it spans the kernels inside it (under Lightning the whole forward and backward run inside the
-    optimizer's step closure), so counting it would count their time twice (measured on an H200: it made a
-    step 54-77 % idle on the GPU look 0 % idle; FSDP's `FullyShardedDataParallel.forward` counted 800 ms of a
-    step whose kernels took 385)."""
+    optimizer's step closure), so counting it would count their time twice and hide the GPU's idle time
+    (docs/decisions/006-profiler-annotations.md)."""
     return "#" in name or name.startswith(("ProfilerStep", "Optimizer.", "FullyShardedDataParallel."))
 
 

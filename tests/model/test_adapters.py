@@ -171,9 +171,9 @@ def test_adalora_schedule_that_does_not_fit_the_run_is_refused(tiny_model_dir):
 
 
 def test_loftq_is_refused_before_loading(tmp_path):
-    # measured on an H200: it trains, but its export does not load back into peft
-    with pytest.raises(ValueError, match=r"model.adapter=loftq cannot run with model.quantization=nf4: measured on "
-                                         r"CUDA: .*does not load back"):
+    # it trains on CUDA, but its export does not load back into peft (docs/decisions/005-compat-refusals.md)
+    with pytest.raises(ValueError, match=r"model.adapter=loftq cannot run with model.quantization=nf4: LoftQ trains "
+                                         r"on CUDA, but .*does not load back"):
         QPeftModule(str(tmp_path / "missing"), quantization="nf4", adapter=compat.load_method_config("loftq"))
 
 
