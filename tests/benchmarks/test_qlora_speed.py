@@ -66,3 +66,19 @@ def test_same_training_is_judged_against_the_fp32_training():
     assert not qlora_speed.against_fp32({**check, "losses_pass": False}, ours, peer)["pass"]
     alone = qlora_speed.against_fp32(check, ours, {})  # no fp32 run: compare's own verdict stands, and says so
     assert alone["pass"] is False and "no fp32 run" in alone["criterion"]
+
+
+@pytest.mark.parametrize("name", sorted(qlora_speed.SMALL_PRESETS))
+def test_every_small_preset_parses_and_instantiates_on_the_smollm2_config(name, tiny_model_dir, tmp_path, monkeypatch):
+    from lightning_qpeft.cli import QPeftCLI
+
+    monkeypatch.chdir(tmp_path)
+    flags = qlora_speed.SMALL_PRESETS[name]
+    cli = QPeftCLI(args=["--config", str(qlora_speed.SMALL_CONFIG), "--model.base_model", tiny_model_dir,
+                         "--data.task", "alpaca", "--data.path", str(tmp_path / "d.json"),
+                         "--trainer.accelerator", "cpu", *flags], run=False)
+    attributes = {"--model.quantization": "quantization", "--model.gradient_checkpointing": "gradient_checkpointing",
+                  "--model.compile": "use_compile", "--model.compile_dequantize": "compile_dequantize"}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag in attributes:
+            assert str(getattr(cli.model, attributes[flag])).lower() == value, flag

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_qpeft.model.generation import Generation, generate
-from lightning_qpeft.model.loading import load_tokenizer
+from lightning_qpeft.base_models.tokenizer import load_tokenizer
 
 
 def test_a_static_cache_gives_the_dynamic_caches_tokens_in_fp32(tiny_model_dir):
