@@ -3,7 +3,7 @@
 On the device machine, from the repository root, with the SmolLM2 folder built (benchmarks/SMOLLM2.md) and
 bench_data/smollm2/ carried:
 
-    python benchmarks/generation_speed.py --out $OUT [--quantizations nf4-dq,bf16] [--static]
+    python benchmarks/generation_speed.py --out $OUT [--quantizations nf4-dq,bf16] [--hf-static]
 
 What runs (each in its own process, so each starts with an empty GPU):
 1. an adapter: configs/adapter/qlora.yaml (LoRA r=64 on every linear layer) on the model, its B matrices drawn
@@ -11,9 +11,10 @@ What runs (each in its own process, so each starts with an empty GPU):
 2. for each quantization: ours, `python -m lightning_qpeft test --config configs/smollm2/gpu.yaml` with that
    adapter (`model.adapter_path`) on SAMSum's 237 test dialogues: prompts batched by length (`plan_batches`),
    `data.eval_batch_size` a batch, bf16-mixed; its `test/generation_tokens_per_s` (answers' tokens up to and
-   including their stop token, over the decoding time) and its answers (test_generations.jsonl);
-   with `--static`, ours again on the bf16 base with `model.generation.cache static` (transformers compiles
-   the decoding step for unquantized bases);
+   including their stop token, over the decoding time) and its answers (test_generations.jsonl); once with
+   `model.generation.loop generate` (transformers' loop) and once with `loop static` (a static cache, the step
+   replayed as a CUDA graph: model/static_decoding.py); with `--hf-static`, ours again on the bf16 base with
+   `model.generation.cache static` (transformers compiles the decoding step for unquantized bases);
 3. the peer for each quantization: the same model loaded as transformers and peft document it
    (`from_pretrained(..., quantization_config=BitsAndBytesConfig(...), dtype=bfloat16)`,
    `PeftModel.from_pretrained`), plain `model.generate` over the same prompt ids in the split's order, in batches
@@ -189,7 +190,8 @@ def main() -> None:
     ap.add_argument("--train", type=Path, default=ROOT / "bench_data" / "smollm2" / "samsum_train.jsonl")
     ap.add_argument("--test", type=Path, default=ROOT / "bench_data" / "smollm2" / "samsum_test.jsonl")
     ap.add_argument("--quantizations", default="nf4-dq,bf16")
-    ap.add_argument("--static", action="store_true", help="also ours with a static cache on the bf16 base")
+    ap.add_argument("--hf-static", action="store_true",
+                    help="also ours with transformers' static cache (compiled decoding) on the bf16 base")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-records", type=int, help="the first N test prompts only (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -215,9 +217,10 @@ def main() -> None:
     for quant in [q for q in a.quantizations.split(",") if q]:
         if not a.no_peer:
             rows.append(peer(a, adapter, quant))
-        rows.append(ours(a, adapter, quant, [], f"ours-{quant}"))
-        if quant == "bf16" and a.static:
-            rows.append(ours(a, adapter, quant, ["--model.generation.cache", "static"], "ours-static"))
+        rows.append(ours(a, adapter, quant, ["--model.generation.loop", "generate"], f"ours-{quant}"))
+        rows.append(ours(a, adapter, quant, ["--model.generation.loop", "static"], f"ours-{quant}-static-loop"))
+        if quant == "bf16" and a.hf_static:
+            rows.append(ours(a, adapter, quant, ["--model.generation.cache", "static"], "ours-bf16-hf-static"))
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """Decoding: the settings (`model.generation.*`) and one batch of greedy or sampled continuations.
 
-Config keys (`model.generation.*`): max_new_tokens, do_sample, temperature, top_p, num_beams, cache.
+Config keys (`model.generation.*`): max_new_tokens, do_sample, temperature, top_p, num_beams, cache, loop.
 
 An answer ends at the first stop token: the tokenizer's EOS or the chat template's end-of-turn token
 (`core.tokens.stop_token_ids`: SmolLM2's `<|im_end|>`). Decoding runs under the trainer's precision context, as
@@ -16,7 +16,11 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
+from lightning_qpeft.model.static_decoding import StaticGreedy, supports
+
 CACHES = ("dynamic", "static")
+LOOPS = ("generate", "static")
+_STATIC = StaticGreedy()  # per process: whether CUDA graphs decode as eager decoding does is checked once
 
 
 @dataclass
@@ -32,6 +36,9 @@ class Generation:
         cache: the KV cache: `dynamic` (grows with each token) or `static` (allocated once for prompt +
             max_new_tokens; transformers then compiles the decoding step on CUDA, for unquantized bases only,
             since it does not compile bitsandbytes layers). The same tokens either way, up to rounding.
+        loop: `generate` (transformers' decoding loop) or `static` (greedy only: a static cache and the
+            one-token step replayed as a CUDA graph on CUDA, quantized bases included;
+            `model/static_decoding.py`). Prompt-learning adapters always decode with `generate`.
     """
 
     max_new_tokens: int = 128
@@ -40,10 +47,16 @@ class Generation:
     top_p: float = 1.0
     num_beams: int = 1
     cache: Literal["dynamic", "static"] = "dynamic"
+    loop: Literal["generate", "static"] = "generate"
 
     def __post_init__(self) -> None:
         if self.cache not in CACHES:
             raise ValueError(f"model.generation.cache: {self.cache!r} is not one of {', '.join(CACHES)}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"model.generation.loop: {self.loop!r} is not one of {', '.join(LOOPS)}")
+        if self.loop == "static" and (self.do_sample or self.num_beams != 1):
+            raise ValueError("model.generation.loop=static decodes greedily: it cannot run with "
+                             "model.generation.do_sample=true or num_beams > 1; use loop=generate")
 
     def kwargs(self) -> dict[str, Any]:
         kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
@@ -76,6 +89,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     was_training = model.training
     model.eval()
     try:
+        if settings.loop == "static" and supports(model) and not overrides:
+            return _STATIC(model, input_ids, attention_mask, settings.max_new_tokens, stop_ids, pad_id,
+                           forward_context)
         with (forward_context or contextlib.nullcontext)():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                                  eos_token_id=list(stop_ids), pad_token_id=pad_id,
