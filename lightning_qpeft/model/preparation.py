@@ -6,6 +6,10 @@ Config keys (on `QPeftModule`):
                                   fp32 norm weight times a bf16 input is fp32, and bitsandbytes returns its input's
                                   dtype, so q/k/v, the MLP and the residual stream then run in fp32
                                   (tests/model/test_preparation.py); false keeps them bf16
+    model.quantized_outputs:      `input` (bitsandbytes: a quantized layer returns its input's dtype, so after a
+                                  float32 norm it returns float32) or `autocast` (under autocast it returns the
+                                  autocast dtype, as torch's Linear does: a quantized base then runs the
+                                  activation dtypes of a 16-bit base with the same norms; `autocast_outputs`)
     model.upcast_embeddings:      also cast the embeddings and the LM head (every weight that is not quantized)
                                   to float32, as prepare_model_for_kbit_training does: off by default; on to
                                   reproduce the peer recipe's numerics (benchmarks/)
@@ -40,6 +44,33 @@ def upcast_norms(model: nn.Module) -> int:
                 if p.is_floating_point() and p.dtype != torch.float32:
                     p.data = p.data.float()
                     n += 1
+    return n
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    # by class name: bitsandbytes need not be importable where no layer is quantized
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") and "bitsandbytes" in type(module).__module__
+
+
+def _to_autocast_dtype(module: nn.Module, args: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        device = output.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if output.dtype != dtype:
+                return output.to(dtype)
+    return output
+
+
+def autocast_outputs(model: nn.Module) -> int:
+    """Make each bitsandbytes layer return the autocast dtype under autocast, as torch's Linear does; returns how
+    many layers. Exact: the layer computes in its compute dtype and casts up to its input's dtype, and this casts
+    that back down (a bf16 -> fp32 -> bf16 round trip loses nothing)."""
+    n = 0
+    for module in model.modules():
+        if _is_quantized_linear(module):
+            module.register_forward_hook(_to_autocast_dtype)
+            n += 1
     return n
 
 
