@@ -56,7 +56,7 @@ case "${1:-}" in
     rm -rf $STATE/speed && mkdir -p $STATE/speed
     python3 benchmarks/qlora_speed.py --out $STATE/speed --suites small --check none --small-variants default,bf16 --profile 4 \
       --budget-s "${2:-240}" > $STATE/speed/small.log 2>&1 || true
-    python3 benchmarks/generation_speed.py --out $STATE/speed --hf-static > $STATE/speed/generation.log 2>&1 || true
+    python3 benchmarks/generation_speed.py --out $STATE/speed > $STATE/speed/generation.log 2>&1 || true
     tar -czf $OUT/speed.tgz -C $STATE speed
     cat $STATE/speed/table.md $STATE/speed/generation.md 2>/dev/null || tail -n 20 $STATE/speed/*.log ;;
   resume)  # a study's finished cells from earlier sessions: the runner skips them
