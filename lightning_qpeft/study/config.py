@@ -16,8 +16,10 @@ Study config keys (`configs/study/*.yaml`; `python -m lightning_qpeft study --he
     quality_meaningful, note: printed at the top of the report (e.g. random weights: quality is noise)
 
 The grid is the cartesian product of the axes in the order written, minus `exclude`, plus `include`. A cell's
-id is its labels joined by `__`, then a hash of everything it passes to the run (base config, arguments,
-evaluations): change any of them and it is a new cell, never a stale result under an old name.
+id is its labels joined by `__`, then a hash of everything it passes to the run (base config path, arguments,
+evaluations): change any of them and it is a new cell, never a stale result under an old name. What those
+arguments point to - the base config's text, the files it and the arguments name (adapter YAMLs, data files) -
+is hashed separately (`inputs_digest`): the runner reruns a finished cell whose inputs changed since it ran.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import re
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
+
+import yaml
 
 EVALUATIONS = ("test", "validate")
 # Top-level keys of the run config that have no dot in their name (everything else is `section.key`).
@@ -254,6 +258,45 @@ def _matches(labels: dict, when: dict, axes: dict[str, Axis], where: str) -> boo
         if labels[axis] not in wanted:
             return False
     return True
+
+
+DATA_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".gguf")
+
+
+def inputs_digest(args: Sequence[str], root: Path = Path(".")) -> str:
+    """A hash of the contents of every file a cell's arguments name, and of the files those YAMLs name in turn
+    (relative to the naming file's folder, or to `root`): a changed base config, adapter YAML or data file
+    changes it; the arguments themselves are in the cell's id."""
+    seen: dict[str, str] = {}
+
+    def visit(value: Any, folder: Path) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v, folder)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v, folder)
+        elif isinstance(value, str) and value.endswith(DATA_SUFFIXES):
+            for candidate in (folder / value, root / value):
+                if candidate.is_file():
+                    add(candidate)
+                    break
+
+    def add(path: Path) -> None:
+        key = str(path.resolve())
+        if key in seen:
+            return
+        data = path.read_bytes()
+        seen[key] = hashlib.sha1(data).hexdigest()
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                visit(yaml.safe_load(data), path.parent)
+            except yaml.YAMLError:
+                pass  # the run itself reports a broken YAML, naming the file and line
+
+    for arg in args:
+        visit(arg, root)
+    return hashlib.sha1(json.dumps(sorted(seen.values())).encode()).hexdigest()[:12]
 
 
 def cell_id(labels: dict, extra: str, args: list[str]) -> str:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import lightning_qpeft
 from lightning_qpeft.study.collect import collect_cell, is_refusal
-from lightning_qpeft.study.config import Cell, StudySpec, expand
+from lightning_qpeft.study.config import Cell, StudySpec, expand, inputs_digest
 from lightning_qpeft.study.results import StudyResults, cell_dir, read_result, read_results
 from lightning_qpeft.utils.atomic import atomic_file
 
@@ -98,6 +98,7 @@ class StudyRunner:
         self._lock = threading.RLock()  # progress lines, reports and the set of live processes
         self._live: set[subprocess.Popen] = set()
         self._done = 0
+        self._inputs: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------ layout
     def cell_dir(self, cell: Cell) -> Path:
@@ -121,12 +122,26 @@ class StudyRunner:
         return [*config, "--trainer.enable_progress_bar", "false", *rest,
                 "--trainer.default_root_dir", str(self.cell_dir(cell) / "run")]
 
+    def inputs(self, cell: Cell) -> str:
+        """The digest of the files the cell's arguments name (`config.inputs_digest`), computed once a run."""
+        if cell.id not in self._inputs:
+            self._inputs[cell.id] = inputs_digest(cell.args)
+        return self._inputs[cell.id]
+
     def pending(self) -> list[Cell]:
-        todo = []
+        """Cells to run: no result yet, a result whose inputs changed since (a stale result is never kept), or
+        what `rerun` asks for. A result from before inputs were recorded is kept."""
+        todo, stale = [], []
         for cell in self.cells:
             res = self.result(cell)
-            if res is None or self.rerun == "all" or (self.rerun == "failed" and res["status"] != "done"):
+            if res is not None and res.get("inputs") not in (None, self.inputs(cell)):
+                stale.append(cell.id)
                 todo.append(cell)
+            elif res is None or self.rerun == "all" or (self.rerun == "failed" and res["status"] != "done"):
+                todo.append(cell)
+        if stale:
+            print(f"study: {len(stale)} finished cell(s) ran on files that have changed since (base config, adapter "
+                  f"or data): run again ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''})", flush=True)
         return todo
 
     # ------------------------------------------------------------------------------ running
@@ -302,7 +317,7 @@ class StudyRunner:
 
         if wall_time is not None:
             res["metrics"]["wall_time_s"] = wall_time
-        res = {"id": cell.id, "labels": cell.labels, "extra": cell.extra, **res}
+        res = {"id": cell.id, "labels": cell.labels, "extra": cell.extra, "inputs": self.inputs(cell), **res}
         write_hparams(self.out / "tb", cell.id, {**cell.labels, "status": res["status"]}, res["metrics"])
         with atomic_file(self.cell_dir(cell) / "result.json", "w") as f:  # last: the cell is finished
             json.dump(res, f, indent=1)

@@ -338,3 +338,44 @@ def test_workers_and_devices_are_exclusive(tmp_path):
         StudyRunner(spec, devices=["0", "1"], workers=2)
     with pytest.raises(ValueError, match="workers: 0"):
         StudyRunner(spec, workers=0)
+
+
+def test_a_finished_cell_whose_files_changed_runs_again(tmp_path):
+    """The cell id hashes the arguments; what they point to (the base config's text, an adapter YAML the base
+    config names, a data file) is hashed into the result: a change makes the result stale."""
+    (tmp_path / "adapter").mkdir()
+    adapter = tmp_path / "adapter" / "lora.yaml"
+    adapter.write_text("class_path: peft.LoraConfig\ninit_args: {r: 8}\n")
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  adapter: adapter/lora.yaml\n")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"a": 1}\n')
+    (tmp_path / "unrelated.yaml").write_text("x: 1\n")
+    spec = StudySpec(base_config=str(base), axes={"model.quantization": ["nf4"]}, output_dir=str(tmp_path / "s"),
+                     args=["--data.path", str(data)])
+
+    def finish(runner, inputs):
+        cdir = runner.cell_dir(runner.cells[0])
+        cdir.mkdir(parents=True, exist_ok=True)
+        res = {"id": runner.cells[0].id, "status": "done", "metrics": {}}
+        if inputs is not None:
+            res["inputs"] = inputs
+        (cdir / "result.json").write_text(json.dumps(res))
+
+    runner = StudyRunner(spec, precheck=False, log=lambda s: None)
+    finish(runner, runner.inputs(runner.cells[0]))
+    assert runner.pending() == []
+    (tmp_path / "unrelated.yaml").write_text("x: 2\n")
+    assert StudyRunner(spec, precheck=False).pending() == []  # a file no argument names
+    for path, text in ((adapter, "class_path: peft.LoraConfig\ninit_args: {r: 16}\n"),
+                       (base, "model:\n  adapter: adapter/lora.yaml\n  quantization: fp4\n"),
+                       (data, '{"a": 2}\n')):
+        runner = StudyRunner(spec, precheck=False)
+        before = runner.inputs(runner.cells[0])
+        path.write_text(text)
+        fresh = StudyRunner(spec, precheck=False)
+        assert fresh.inputs(fresh.cells[0]) != before, path.name
+        assert [c.id for c in fresh.pending()] == [fresh.cells[0].id], path.name  # same id, stale result
+        finish(fresh, fresh.inputs(fresh.cells[0]))
+    finish(runner, None)  # a result from before inputs were recorded is kept
+    assert StudyRunner(spec, precheck=False).pending() == []
