@@ -28,6 +28,8 @@ from typing import Any, Optional, Union
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
 from torch import nn
 
+from lightning_qpeft.core.errors import ConfigError
+
 
 @dataclass
 class FullFineTuning:
@@ -61,7 +63,7 @@ def load_adapter_config(path: str) -> PeftConfig:
     try:
         return PeftConfig.from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"model.adapter_path: {path!r} is not a peft adapter folder ({e})") from None
+        raise ConfigError("model.adapter_path", f"{path!r} is not a peft adapter folder ({e})") from None
 
 
 def method_name(adapter: Optional[AdapterConfig]) -> str:
@@ -143,10 +145,11 @@ def load_adapter_yaml(path: str | os.PathLike, base_model: str = "checkpoints/ti
 def with_total_steps(adapter: AdaLoraConfig, total_steps: int) -> AdaLoraConfig:
     """AdaLoRA's config with the run's optimizer-step count; a clear error when its schedule does not fit."""
     if adapter.tinit >= total_steps - adapter.tfinal:
-        raise ValueError(
-            f"model.adapter.init_args.tinit={adapter.tinit} and tfinal={adapter.tfinal}: AdaLoRA's rank "
-            f"schedule needs tinit < total steps - tfinal, and this run has {total_steps} optimizer steps "
-            "(trainer.max_steps / max_epochs); lower tinit and tfinal or train longer"
+        raise ConfigError(
+            "model.adapter.init_args.tinit",
+            f"AdaLoRA's rank schedule needs tinit < total steps - tfinal, and this run has {total_steps} optimizer "
+            "steps (trainer.max_steps / max_epochs); lower tinit and tfinal or train longer",
+            head=f"model.adapter.init_args.tinit={adapter.tinit} and tfinal={adapter.tfinal}",
         )
     return dataclasses.replace(adapter, total_step=int(total_steps))
 

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import IGNORE_INDEX
 
 LOSSES = ("standard", "fused", "chunked", "liger")
@@ -41,10 +42,10 @@ def liger_available() -> bool:
 
 def check_loss_name(name: str) -> None:
     if name not in LOSSES:
-        raise ValueError(f"model.loss: unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+        raise ConfigError("model.loss", f"unknown loss {name!r}", f"choose one of {', '.join(LOSSES)}")
     if name == "liger" and not liger_available():
-        raise ValueError("model.loss: liger needs liger-kernel (pip install liger-kernel, or "
-                         "pip install 'lightning_qpeft[fast]'); or use model.loss: fused (falls back to chunked)")
+        raise ConfigError("model.loss", "liger needs liger-kernel (pip install liger-kernel, or "
+                          "pip install 'lightning_qpeft[fast]')", "or use model.loss: fused (falls back to chunked)")
 
 
 def resolve_loss(name: str, device: torch.device) -> str:
@@ -53,8 +54,8 @@ def resolve_loss(name: str, device: torch.device) -> str:
     if name == "fused":
         return "liger" if device.type == "cuda" and liger_available() else "chunked"
     if name == "liger" and device.type != "cuda":
-        raise ValueError(f"model.loss: liger runs on CUDA only (this run is on {device.type}); "
-                         "use model.loss: fused or chunked")
+        raise ConfigError("model.loss", f"liger runs on CUDA only (this run is on {device.type})",
+                          "use model.loss: fused or chunked")
     return name
 
 
@@ -165,12 +166,12 @@ def output_layer(causal_lm: nn.Module, loss: str) -> nn.Linear:
     """
     head = causal_lm.get_output_embeddings()
     if type(head) is not nn.Linear:
-        raise ValueError(f"model.loss: {loss} needs a plain nn.Linear LM head, this model's is "
-                         f"{type(head).__name__} (an adapter on lm_head?); use model.loss: standard")
+        raise ConfigError("model.loss", f"{loss} needs a plain nn.Linear LM head, this model's is "
+                          f"{type(head).__name__} (an adapter on lm_head?)", "use model.loss: standard")
     config = causal_lm.config
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(config, key, None) not in (None, 1, 1.0):
-            raise ValueError(f"model.loss: {loss} does not apply this model's {key}; use model.loss: standard")
+            raise ConfigError("model.loss", f"{loss} does not apply this model's {key}", "use model.loss: standard")
     return head
 
 

@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from lightning_qpeft.core.errors import ConfigError
+
 
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
@@ -90,7 +92,7 @@ COMPILE_SCOPES = ("attention_mlp", "decoder_layer")
 
 def check_compile_scope(scope: str) -> None:
     if scope not in COMPILE_SCOPES:
-        raise ValueError(f"model.compile_scope: {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+        raise ConfigError("model.compile_scope", f"{scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
 
 
 def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, scope: str = "attention_mlp") -> int:
@@ -116,15 +118,15 @@ def compile_layers(model: nn.Module, options: Optional[dict[str, Any]] = None, s
     layers = list(getattr(causal_lm_of(model).get_decoder(), "layers", None) or [])
     if scope == "decoder_layer":
         if not layers:
-            raise ValueError(f"model.compile: found no decoder layers in {type(model).__name__}; "
-                             "set model.compile: false")
+            raise ConfigError("model.compile", f"found no decoder layers in {type(model).__name__}",
+                              "set model.compile: false")
         for layer in layers:
             compile_decoder_layer(layer, options)
         return len(layers)
     regions = [getattr(layer, name) for layer in layers for name in ("self_attn", "mlp") if hasattr(layer, name)]
     if not regions:
-        raise ValueError(f"model.compile: found no decoder layers with self_attn/mlp in {type(model).__name__}; "
-                         "set model.compile: false")
+        raise ConfigError("model.compile", f"found no decoder layers with self_attn/mlp in {type(model).__name__}",
+                          "set model.compile: false")
     for region in regions:
         raw = type(region).forward
         region.forward = _eager_with_cache(region, raw, torch.compile(raw, **(options or {})))

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from transformers import BitsAndBytesConfig
 
+from lightning_qpeft.core.errors import ConfigError
+
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -69,9 +71,8 @@ def get_quant_mode(name: str) -> QuantMode:
     try:
         return QUANT_MODES[name]
     except KeyError:
-        raise ValueError(
-            f"model.quantization: unknown mode {name!r}; choose one of {', '.join(QUANT_MODES)}"
-        ) from None
+        raise ConfigError("model.quantization", f"unknown mode {name!r}",
+                          f"choose one of {', '.join(QUANT_MODES)}") from None
 
 
 def resolve_dtype(name: str, key: str) -> torch.dtype:
@@ -79,7 +80,7 @@ def resolve_dtype(name: str, key: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"{key}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise ConfigError(key, f"unknown dtype {name!r}", f"choose one of {', '.join(DTYPES)}") from None
 
 
 def bnb_config(

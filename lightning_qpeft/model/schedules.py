@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_qpeft.core.errors import ConfigError
+
 
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up to the optimizer's lr, then cosine decay to `min_lr_ratio` x lr (or constant).
@@ -43,7 +45,7 @@ class WarmupCosineLR(LambdaLR):
         decay: str = "cosine",
     ) -> None:
         if decay not in ("cosine", "constant"):
-            raise ValueError(f"model.lr_scheduler.decay: {decay!r}; choose cosine or constant")
+            raise ConfigError("model.lr_scheduler.decay", f"{decay!r}", "choose cosine or constant")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         if total_steps is not None:
