@@ -199,12 +199,13 @@ def test_int8_under_fsdp_is_refused(tiny_model_dir):
     trainer.precision = "bf16-mixed"
     module._trainer = trainer
     with pytest.raises(ValueError, match="model.quantization=int8 cannot run with trainer.strategy=fsdp"):
-        module._storage_for_strategy()
-    module.quantization = "nf4-dq"
-    assert module._storage_for_strategy() == ("bfloat16", False)
+        module.resolve_plan(trainer)
+    module = QPeftModule(tiny_model_dir, quantization="nf4-dq")
+    plan = module.resolve_plan(trainer)
+    assert (plan.quant_storage, plan.upcast_norms) == ("bfloat16", False)
     trainer.precision = "32-true"
     with pytest.raises(ValueError, match="trainer.precision=32-true cannot run a 4-bit base with trainer.strategy=fsdp"):
-        module._storage_for_strategy()
+        module.resolve_plan(trainer)
 
 
 def test_compile_is_not_applied_under_fsdp(tiny_model_dir):
@@ -216,14 +217,15 @@ def test_compile_is_not_applied_under_fsdp(tiny_model_dir):
 
     module = QPeftModule(tiny_model_dir, quantization="nf4-dq", compile=True)
     trainer = MagicMock()
+    trainer.precision = "bf16-mixed"
     module._trainer = trainer
     trainer.strategy = MagicMock(spec=DDPStrategy)
-    assert module._compiles()
+    assert module.resolve_plan(trainer).compile
     trainer.strategy = MagicMock(spec=FSDPStrategy)
     with pytest.warns(UserWarning, match="model.compile: not applied under trainer.strategy=fsdp"):
-        assert not module._compiles()
-    module.use_compile = False
-    assert not module._compiles()
+        module.setup("validate")
+    assert not module.plan.compile
+    assert not QPeftModule(tiny_model_dir, quantization="nf4-dq").resolve_plan(trainer).compile
 
 
 def test_fsdp_name_is_the_adapter_aware_strategy():
@@ -268,15 +270,19 @@ def test_fsdp_clips_gradients_with_fsdp_itself(tiny_model_dir):
 
     from lightning_qpeft.model.module import QPeftModule
 
-    module = QPeftModule(tiny_model_dir, quantization="nf4-dq")
+    module = QPeftModule(tiny_model_dir, quantization="nf4-dq",
+                         adapter=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     trainer = MagicMock()
     trainer.strategy = MagicMock(spec=FSDPStrategy)
     trainer.strategy.model = MagicMock()
+    trainer.precision, trainer.gradient_clip_val, trainer.gradient_clip_algorithm = "bf16-mixed", 0.3, "norm"
     module._trainer = trainer
+    module.setup("fit")
     module.configure_gradient_clipping(MagicMock(), 0.3, "norm")
     trainer.strategy.model.clip_grad_norm_.assert_called_once_with(0.3)
+    trainer.gradient_clip_algorithm = "value"  # refused with the plan, before any weight loads
     with pytest.raises(ValueError, match="trainer.gradient_clip_algorithm=value cannot run with trainer.strategy=fsdp"):
-        module.configure_gradient_clipping(MagicMock(), 0.3, "value")
+        module.setup("fit")
 
 
 def test_fsdp_builds_the_base_on_the_cpu_and_quantizes_random_shapes_on_the_gpu(tiny_model_dir):
@@ -298,8 +304,7 @@ def test_fsdp_builds_the_base_on_the_cpu_and_quantizes_random_shapes_on_the_gpu(
         trainer.strategy.root_device = torch.device("cuda", 1)
         trainer.precision = "bf16-mixed"
         module._trainer = trainer
-        with patch("lightning_qpeft.model.module.compat.check_device"), \
-                patch("lightning_qpeft.model.module.load_base_model", side_effect=Loaded) as load:
+        with patch("lightning_qpeft.model.module.load_base_model", side_effect=Loaded) as load:
             with pytest.raises(Loaded):
                 module.configure_model()
         return load.call_args.kwargs["device"], load.call_args.kwargs["quantize_device"]

@@ -86,7 +86,8 @@ class NLGDataModule(LightningDataModule):
         eval_batch_size: records per validation/test/predict batch (default: batch_size).
         packing: flatten each training micro-batch into one padding-free row (position ids restart per record).
         pad_to_multiple_of: round the length of padded batches up to a multiple of this (e.g. 64), so that
-            torch.compile, cuBLAS and Triton see a few shapes rather than one per longest record.
+            torch.compile, cuBLAS and Triton see a few shapes rather than one per longest record. Not with
+            packing (the run plan refuses the pair: `model/rules.py`).
         group_by_length: put records of similar length into the same training micro-batch.
         max_tokens: token budget of a training micro-batch (instead of batch_size records).
         num_workers: DataLoader worker processes.
@@ -149,8 +150,6 @@ class NLGDataModule(LightningDataModule):
                              "for all records")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of: {pad_to_multiple_of}; give at least 1, or leave it unset")
-        if pad_to_multiple_of and packing:
-            raise ValueError("data.pad_to_multiple_of pads batches; data.packing makes padding-free rows: set one")
         if max_tokens is not None and max_tokens < source_max_len + target_max_len:
             raise ValueError(
                 f"data.max_tokens: {max_tokens} is below the longest record (data.source_max_len + "

@@ -1,15 +1,14 @@
-"""The compatibility table: which PEFT method may meet which base, and which other settings it needs.
+"""The compatibility table: which PEFT method may meet which base, and what else each method needs or does.
 
 Rows are methods (`configs/adapter/<name>.yaml` and the peft config class it holds), columns are the
-`model.quantization` modes (`none` covers every `model.dtype`). Beside the cells, `RULES` say what other keys
-a method needs (`model.gradient_checkpointing`, `model.quant_storage`, `model.dtype`, the adapter's own
-fields). This table is the single source of:
+`model.quantization` modes (`none` covers every `model.dtype`). A row also carries the method's other facts:
+whether it reads the base weight, whether its trainable tensors flatten into FSDP units, what runs after each
+optimizer step, whether its schedule is laid out over the run's steps. This table is the single source of:
 
-- the refusals: `check()` runs in `QPeftModule.__init__`, before any weight loads, and names both keys;
-  `check_device()` runs in `configure_model` once the device is known (cells that need CUDA);
+- the refusals: the rules of `rules.RULES` read the rows; `plan.resolve_plan` runs them before any weight loads;
 - whether an adapter can be merged (`merge_refusal()`, used by `python -m lightning_qpeft merge`);
-- the README table: `python -m lightning_qpeft.model.compat --markdown` prints it, `--write README.md`
-  replaces it between the markers (a test keeps README equal to the generated table);
+- the README section: `python -m lightning_qpeft.model.compat --markdown` prints it (the table and every rule),
+  `--write README.md` replaces it between the markers (a test keeps README equal to the generated section);
 - the tests, which are parametrized over `METHODS` x `QUANT_COLUMNS`.
 
 Every OK cell holds on the tiny LLaMA on the CPU at the pinned versions (constraints.txt): a few optimizer steps
@@ -23,19 +22,18 @@ from __future__ import annotations
 import argparse
 import enum
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import torch
+from torch import nn
 
-from lightning_qpeft.model.adapters import load_adapter_yaml, method_name
-from lightning_qpeft.model.quantization import QUANT_MODES, get_quant_mode
+from lightning_qpeft.model.adapters import load_adapter_yaml, method_name, with_total_steps
+from lightning_qpeft.model.quantization import QUANT_MODES
+from lightning_qpeft.model.rules import FOUR_BIT, RULES, either
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "adapter"
 QUANT_COLUMNS: tuple[str, ...] = tuple(QUANT_MODES)
-FOUR_BIT: tuple[str, ...] = tuple(name for name, mode in QUANT_MODES.items() if mode.is_4bit)
 QUANTIZED: tuple[str, ...] = tuple(name for name, mode in QUANT_MODES.items() if mode.is_quantized)
 
 
@@ -70,6 +68,13 @@ class Method:
         reads_weight: whether the method reads the base weight itself (see the quant_storage rule).
         alias_of: a row whose rules this one shares and under whose name its configs are recognised
             (qlora is LoRA with other hyperparameters).
+        fsdp_flattenable: whether peft's FSDP wrap policy gives its trainable tensors units of their own; False:
+            they stay in their decoder layer's unit beside the 16-bit base, which FSDP cannot flatten (measured
+            with `distributed.check_flattenable` over configs/adapter).
+        after_step: called as `after_step(peft_model, step)` after each optimizer step (0-based), while the
+            gradients are still there.
+        total_steps: `total_steps(config, n)` is the config with the run's optimizer-step count, for a method
+            whose schedule is laid out over the run.
     """
 
     name: str
@@ -81,6 +86,9 @@ class Method:
     merge: Optional[str] = None
     reads_weight: bool = False
     alias_of: Optional[str] = None
+    fsdp_flattenable: bool = True
+    after_step: Optional[Callable[[nn.Module, int], None]] = None
+    total_steps: Optional[Callable[[Any, int], Any]] = None
 
     @property
     def yaml(self) -> Path:
@@ -97,11 +105,29 @@ class Method:
             return Cell(Status.CUDA, self.cuda_only[quantization])
         return Cell(Status.OK)
 
+    def supported(self) -> list[str]:
+        """The quantization modes it runs on everywhere (the CPU included)."""
+        return [m for m in QUANT_COLUMNS if self.cell(m).status is Status.OK]
+
+    def way_out(self) -> str:
+        """Where the method runs instead, for a refusal's message."""
+        ok, gpu = self.supported(), [m for m in QUANT_COLUMNS if self.cell(m).status is Status.CUDA]
+        parts = [f"use {either(ok)}"] if ok else []
+        if gpu:
+            parts.append(f"{'or ' if ok else 'use '}{either(gpu)} on a GPU")
+        return " ".join(parts) or "use another model.adapter (qlora runs on every base)"
+
     def merge_cell(self, quantization: str) -> Cell:
         """Whether an adapter trained in this cell can be merged (into a freshly dequantized base)."""
         if self.cell(quantization).status is Status.REFUSED:
             return Cell(Status.REFUSED, "the method cannot train on this base")
         return Cell(Status.REFUSED, self.merge) if self.merge else Cell(Status.OK)
+
+
+def _adalora_update(model: nn.Module, step: int) -> None:
+    # AdaLoRA scores each rank's importance from weight x gradient and masks the least important ones (peft:
+    # "call update_and_allocate after backward and optimizer.step, before zero_grad")
+    model.base_model.update_and_allocate(step)
 
 
 NO_GRAD_INTEGERS = ("bitsandbytes stores quantized weights as integers, which take no gradient (only norms and "
@@ -131,8 +157,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                                     "into peft (state_dict mismatch), so the run's result could not be used; "
                                     "use qlora (LoRA on every linear layer) instead")},
            identity_at_init=False, reads_weight=True),
-    Method("adalora", "peft.AdaLoraConfig", "SVD-form LoRA whose rank budget is reallocated during training"),
-    Method("ia3", "peft.IA3Config", "scaling vectors on keys, values and the MLP input"),
+    Method("adalora", "peft.AdaLoraConfig", "SVD-form LoRA whose rank budget is reallocated during training",
+           fsdp_flattenable=False, after_step=_adalora_update, total_steps=with_total_steps),
+    Method("ia3", "peft.IA3Config", "scaling vectors on keys, values and the MLP input", fsdp_flattenable=False),
     Method("loha", "peft.LoHaConfig", "Hadamard product of two low-rank updates",
            refused=_on(FOUR_BIT, "peft's LoHa has no 4-bit layer (it sizes its factors from the packed 4-bit "
                                  "weight and fails)")),
@@ -140,8 +167,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            refused=_on(FOUR_BIT, "peft's LoKr has no 4-bit layer (it sizes its factors from the packed 4-bit "
                                  "weight and fails)")),
     Method("oft", "peft.OFTConfig", "block-diagonal orthogonal rotation of each weight"),
-    Method("boft", "peft.BOFTConfig", "orthogonal rotation as a product of butterfly factors"),
-    Method("vera", "peft.VeraConfig", "two scaling vectors per layer around shared frozen random matrices"),
+    Method("boft", "peft.BOFTConfig", "orthogonal rotation as a product of butterfly factors",
+           fsdp_flattenable=False),
+    Method("vera", "peft.VeraConfig", "two scaling vectors per layer around shared frozen random matrices",
+           fsdp_flattenable=False),
     Method("ln_tuning", "peft.LNTuningConfig", "the RMSNorm weights only"),
     Method("hra", "peft.HRAConfig", "a chain of Householder reflections multiplying each weight",
            refused={**_on(FOUR_BIT, "peft's HRA has no 4-bit layer (it multiplies the packed 4-bit weight and "
@@ -169,208 +198,7 @@ def lookup(adapter: Any) -> tuple[str, Optional[Method]]:
     return name, METHODS.get(name)
 
 
-# ------------------------------------------------------------------------------------------ other rules
-@dataclass(frozen=True)
-class Setting:
-    """What the rules look at: the adapter and the keys that interact with it."""
-
-    adapter: Any
-    name: str
-    method: Optional[Method]
-    quantization: str
-    gradient_checkpointing: bool = False
-    quant_storage: str = "uint8"
-    dtype: str = "auto"
-    packing: bool = False
-    upcast_norms: bool = True
-    compute_dtype: str = "bfloat16"
-    precision: str = ""  # trainer.precision, where known (QPeftModule.setup)
-
-    @property
-    def weights_dtype(self) -> str:
-        """The dtype of the unquantized weights (norms, embeddings): the compute dtype on quantized bases."""
-        return self.compute_dtype if get_quant_mode(self.quantization).is_quantized and self.dtype == "auto" \
-            else self.dtype
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A refusal that involves a key other than model.quantization.
-
-    Attributes:
-        keys: the config keys involved (README).
-        text: the rule in words (README).
-        refuses: the message when `Setting` breaks the rule, else None.
-    """
-
-    keys: str
-    text: str
-    refuses: Callable[[Setting], Optional[str]]
-
-
-def _prefix_checkpointing(s: Setting) -> Optional[str]:
-    if s.name == "prefix_tuning" and s.gradient_checkpointing:
-        return ("model.adapter=prefix_tuning cannot run with model.gradient_checkpointing=true: checkpointed "
-                "layers run without a key/value cache and peft passes the prefix as that cache (peft refuses "
-                "it); set model.gradient_checkpointing=false")
-    return None
-
-
-def _float_storage(s: Setting) -> Optional[str]:
-    if s.method is not None and s.method.reads_weight and s.quantization in FOUR_BIT and s.quant_storage not in ("uint8", "auto"):
-        return (f"model.adapter={s.name} cannot run with model.quant_storage={s.quant_storage}: with a float storage "
-                f"dtype the packed 4-bit weights look like ordinary float tensors, and {s.name} reads the weight "
-                "itself, so it would compute on packed bytes without failing; use model.quant_storage=uint8 "
-                "(float storage is only for FSDP)")
-    return None
-
-
-# AdamW steps smaller than half a weight's rounding step are lost in 16-bit weights (bfloat16 keeps 8 bits of
-# mantissa: around 1.0 the step is 0.0078); Lightning's mixed precision autocasts matmuls but keeps the
-# parameters in the dtype they were loaded in, so there is no float32 master copy to absorb them.
-LOST_UPDATES = "AdamW's updates smaller than the 16-bit rounding step of a weight are lost"
-
-
-def _full_fp32(s: Setting) -> Optional[str]:
-    if s.name == "full" and s.dtype != "float32":
-        return (f"model.adapter=full cannot run with model.dtype={s.dtype}: every weight trains, in the dtype it is "
-                f"loaded in, with no float32 master copy, and {LOST_UPDATES}; use model.dtype=float32 "
-                "(trainer.precision=bf16-mixed still computes in bfloat16)")
-    return None
-
-
-def _ln_tuning_fp32_norms(s: Setting) -> Optional[str]:
-    if s.name == "ln_tuning" and not s.upcast_norms and s.weights_dtype != "float32":
-        return (f"model.adapter=ln_tuning cannot run with model.upcast_norms=false: the trained norm weights would "
-                f"stay in {s.weights_dtype if s.weights_dtype != 'auto' else 'the checkpoint dtype'}, and "
-                f"{LOST_UPDATES}; set model.upcast_norms=true")
-    return None
-
-
-def _prompt_packing(s: Setting) -> Optional[str]:
-    if s.method is not None and s.method.prompt_learning and s.packing:
-        return (f"model.adapter={s.name} cannot run with data.packing=true: the virtual tokens are prepended once "
-                "per row, not per packed record, and peft drops the position_ids that separate the records; "
-                "set data.packing=false")
-    return None
-
-
-def _randomized_pissa(s: Setting) -> Optional[str]:
-    init = getattr(s.adapter, "init_lora_weights", None)
-    if s.name == "pissa" and isinstance(init, str) and init.startswith("pissa_niter"):
-        return (f"model.adapter=pissa cannot use model.adapter.init_args.init_lora_weights={init}: peft re-runs "
-                "the randomized SVD when it loads the adapter, so the export would not reproduce the trained "
-                "model; use init_lora_weights=pissa")
-    return None
-
-
-def _fp32_norms_without_autocast(s: Setting) -> Optional[str]:
-    if s.precision in FULL_PRECISION and s.upcast_norms and s.weights_dtype in ("bfloat16", "float16"):
-        return (f"model.dtype={s.weights_dtype} cannot run with trainer.precision={s.precision} and "
-                "model.upcast_norms=true: the float32 norm weights turn every activation into float32, which then "
-                f"meets the {s.weights_dtype} weights in a matmul with no autocast to reconcile them; use "
-                f"trainer.precision=bf16-mixed (or bf16-true), or model.upcast_norms=false")
-    return None
-
-
-FULL_PRECISION = ("32-true", "32", "64-true", "64")
-
-RULES: tuple[Rule, ...] = (
-    Rule("model.gradient_checkpointing", "prefix_tuning refuses gradient checkpointing", _prefix_checkpointing),
-    Rule("model.quant_storage", "methods that read the base weight (pissa, loftq, full) refuse a float "
-         "quant_storage on 4-bit bases: they would silently compute on packed bytes", _float_storage),
-    Rule("data.packing", "prompt-learning methods (prefix, prompt, p-tuning) refuse packed batches",
-         _prompt_packing),
-    Rule("model.dtype", "full fine-tuning needs float32 weights (16-bit weights without a float32 master copy "
-         "lose AdamW's small updates)", _full_fp32),
-    Rule("model.upcast_norms", "ln_tuning needs float32 norm weights (same reason)", _ln_tuning_fp32_norms),
-    Rule("model.adapter.init_args.init_lora_weights", "pissa_niter_K is refused: its export does not reload "
-         "identically", _randomized_pissa),
-    Rule("trainer.precision", "16-bit weights (model.dtype, or compute_dtype on a quantized base) with float32 norms "
-         "need autocast: 32-true is refused unless model.upcast_norms=false", _fp32_norms_without_autocast),
-)
-
-# rules that hold whatever the adapter (also for a bare base: evaluation, generation)
-ADAPTER_FREE_RULES = (_fp32_norms_without_autocast,)
-
-
-# ------------------------------------------------------------------------------------------ checks
-def _or(modes: list[str]) -> str:
-    return modes[0] if len(modes) == 1 else ", ".join(modes[:-1]) + " or " + modes[-1]
-
-
-def way_out(method: Method) -> str:
-    ok = [m for m in QUANT_COLUMNS if method.cell(m).status is Status.OK]
-    gpu = [m for m in QUANT_COLUMNS if method.cell(m).status is Status.CUDA]
-    parts = [f"use {_or(ok)}"] if ok else []
-    if gpu:
-        parts.append(f"{'or ' if ok else 'use '}{_or(gpu)} on a GPU")
-    return " ".join(parts) or "use another model.adapter (qlora runs on every base)"
-
-
-def check(
-    adapter: Any,
-    quantization: str,
-    gradient_checkpointing: bool = False,
-    quant_storage: str = "uint8",
-    dtype: str = "auto",
-    packing: bool = False,
-    upcast_norms: bool = True,
-    compute_dtype: str = "bfloat16",
-    precision: str = "",
-) -> Optional[Method]:
-    """Refuse an impossible combination (ValueError naming both keys); return the method's row.
-
-    The arguments are the `model.*` keys of the same names (`packing` is `data.packing`, `precision` is
-    `trainer.precision`: QPeftModule checks both again in `setup`, when the trainer and data module are known).
-    Device-independent: cells that need CUDA pass here and are checked by `check_device`.
-    """
-    if adapter is None:
-        bare = Setting(None, "none", None, quantization, gradient_checkpointing, quant_storage, dtype, packing,
-                       upcast_norms, compute_dtype, precision)
-        for refuses in ADAPTER_FREE_RULES:
-            message = refuses(bare)
-            if message:
-                raise ValueError(message)
-        return None
-    mode = get_quant_mode(quantization)
-    name, method = lookup(adapter)
-    if method is None:
-        if mode.is_quantized:
-            raise ValueError(
-                f"model.adapter={name} cannot run with model.quantization={quantization}: {name} has no row in the "
-                "compatibility table (lightning_qpeft/model/compat.py), so nothing says its peft layer is correct "
-                f"on a {mode.bits}-bit base; use model.quantization=none, or verify it and add a row")
-        warnings.warn(f"model.adapter={name} is not in the compatibility table (lightning_qpeft/model/compat.py): "
-                      "unverified on this project", stacklevel=2)
-    else:
-        cell = method.cell(quantization)
-        if cell.status is Status.REFUSED:
-            raise ValueError(f"model.adapter={name} cannot run with model.quantization={quantization}: "
-                             f"{cell.reason}; {way_out(method)}")
-    setting = Setting(adapter, name, method, quantization, gradient_checkpointing, quant_storage, dtype, packing,
-                      upcast_norms, compute_dtype, precision)
-    for rule in RULES:
-        message = rule.refuses(setting)
-        if message:
-            raise ValueError(message)
-    return method
-
-
-def check_device(adapter: Any, quantization: str, device: torch.device | str) -> None:
-    """Refuse, before the base loads, a cell that needs CUDA on another device."""
-    name, method = lookup(adapter)
-    if method is None or torch.device(device).type == "cuda":
-        return
-    cell = method.cell(quantization)
-    if cell.status is Status.CUDA:
-        ok = [m for m in QUANT_COLUMNS if method.cell(m).status is Status.OK]
-        alternative = f", or use model.quantization={_or(ok)}" if ok else ""
-        raise ValueError(f"model.adapter={name} cannot run with model.quantization={quantization} on "
-                         f"{torch.device(device).type}: {cell.reason}; train on a GPU (trainer.accelerator=gpu)"
-                         f"{alternative}")
-
-
+# ------------------------------------------------------------------------------------------ other uses
 def merge_refusal(adapter: Any) -> Optional[str]:
     """Why an adapter of this config cannot be merged into its base (None: it can)."""
     if getattr(adapter, "is_prompt_learning", False):
@@ -437,7 +265,8 @@ def markdown() -> str:
               "any weight loads, with the message below. `none` is any `model.dtype` (float32, bfloat16, float16). "
               "Merging always goes into a freshly loaded, dequantized base (`python -m lightning_qpeft merge`)."]
     lines += [""] + [f"{i}. {reason}" for i, reason in enumerate(notes, 1)]
-    lines += ["", "Other keys:", ""] + [f"- `{rule.keys}`: {rule.text}." for rule in RULES]
+    lines += ["", "Every refusal, in the order they are checked (`lightning_qpeft/model/rules.py`), before any weight "
+              "loads:", ""] + [f"- `{rule.keys}`: {rule.text}." for rule in RULES]
     return "\n".join([MARKERS[0], *lines, MARKERS[1]])
 
 

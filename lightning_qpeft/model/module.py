@@ -31,15 +31,14 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from peft import AdaLoraConfig, BOFTConfig, IA3Config, VeraConfig
 from torchmetrics import MeanMetric
 
 from lightning_qpeft.base_models.folders import resolve_base_model
 from lightning_qpeft.checkpointing import rng_states, set_rng_states
 from lightning_qpeft.core.tensors import all_finite
 from lightning_qpeft.core.tokens import IGNORE_INDEX
-from lightning_qpeft.distributed import check_flattenable, fsdp_param_dtype, global_token_mean
-from lightning_qpeft.model import compat
+from lightning_qpeft.core.errors import ConfigError
+from lightning_qpeft.distributed import check_flattenable, global_token_mean
 from lightning_qpeft.model.accumulation import TokenMeanAccumulator, world_tokens
 from lightning_qpeft.model.adapters import (
     AdapterConfig,
@@ -47,21 +46,20 @@ from lightning_qpeft.model.adapters import (
     attach_adapter,
     load_adapter_config,
     method_name,
-    with_total_steps,
 )
 from lightning_qpeft.model.counting import count_parameters
 from lightning_qpeft.model.fused_loss import (
     causal_lm_of,
-    check_loss_name,
     linear_cross_entropy,
     output_layer,
-    resolve_loss,
     supervised_hidden,
 )
 from lightning_qpeft.model.generation import Generation, generate
+from lightning_qpeft.model.facts import RunConfig, trainer_facts
 from lightning_qpeft.model.loading import load_base_model
-from lightning_qpeft.model.preparation import check_compile_scope, compile_layers, prepare_base
-from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
+from lightning_qpeft.model.plan import RunPlan, resolve_plan, with_data
+from lightning_qpeft.model.preparation import compile_layers, prepare_base
+from lightning_qpeft.model.rules import nothing_to_train
 from lightning_qpeft.model.schedules import needs_total_steps
 from lightning_qpeft.model.traced_dequant import set_traced_dequantize
 
@@ -72,11 +70,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 def _clean_name(name: str) -> str:
     # FSDP (use_orig_params) and activation checkpointing insert wrapper modules into parameter names
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-# adapters whose trainable tensors sit in their decoder layer's FSDP unit (measured with check_flattenable over
-# configs/adapter: IA3's and VeRA's vectors, AdaLoRA's factors, BOFT's rotations)
-FSDP_UNFLATTENABLE = (IA3Config, VeraConfig, AdaLoraConfig, BOFTConfig)
 
 
 class QPeftModule(LightningModule):
@@ -143,50 +136,33 @@ class QPeftModule(LightningModule):
         fsdp_load_on: str = "cpu",
     ) -> None:
         super().__init__()
-        # Refuse bad values now, before any weight is loaded.
-        get_quant_mode(quantization)
-        check_loss_name(loss)
-        resolve_dtype(compute_dtype, "model.compute_dtype")
-        if dtype != "auto":
-            resolve_dtype(dtype, "model.dtype")
         self.base_model = base_model
         self.tokenizer_name = tokenizer or base_model
         self.quantization = quantization
         self.compute_dtype = compute_dtype
         self.dtype_name = dtype
-        self.quant_storage = quant_storage
-        if adapter is not None and adapter_path is not None:
-            raise ValueError("model.adapter and model.adapter_path: set one (a new adapter, or a trained one)")
         self.adapter_path = adapter_path
+        from_path = adapter is None and adapter_path is not None
+        self.adapter = load_adapter_config(adapter_path) if from_path else adapter
+        self.config = RunConfig(
+            adapter=self.adapter, adapter_path=adapter_path, adapter_from_path=from_path, quantization=quantization,
+            compute_dtype=compute_dtype, dtype=dtype, quant_storage=quant_storage,
+            gradient_checkpointing=gradient_checkpointing, upcast_norms=upcast_norms,
+            upcast_embeddings=upcast_embeddings, loss=loss, compile=compile, compile_scope=compile_scope,
+            compile_dequantize=compile_dequantize, fsdp_load_on=fsdp_load_on)
+        # what the configuration alone makes impossible is refused here, before any weight loads; the plan
+        # itself is resolved once the trainer is known (`setup`)
+        resolve_plan(self.config)
+        self.plan: Optional[RunPlan] = None
         self._rng_to_restore: Optional[dict[str, Any]] = None  # set by on_load_checkpoint, applied at train start
-        self.adapter = load_adapter_config(adapter_path) if adapter_path is not None else adapter
-        # the compatibility table refuses impossible combinations here, before any weight loads
-        compat.check(self.adapter, quantization, gradient_checkpointing, quant_storage, dtype,
-                     upcast_norms=upcast_norms, compute_dtype=compute_dtype)
         self.gradient_checkpointing = gradient_checkpointing
-        self.upcast_norms = upcast_norms
-        self.upcast_embeddings = upcast_embeddings
         self.loss = loss
-        if loss != "standard" and self.adapter is not None and getattr(self.adapter, "is_prompt_learning", False):
-            raise ValueError(f"model.loss: {loss} calls the decoder directly, which skips the virtual tokens of "
-                             f"{method_name(self.adapter)}; use model.loss: standard")
-        self.use_compile = compile  # not self.compile: that is nn.Module.compile
         self.compile_options = compile_options
-        check_compile_scope(compile_scope)
-        self.compile_scope = compile_scope
-        if compile_dequantize and not compile:
-            raise ValueError("model.compile_dequantize: true changes what torch.compile traces; it needs "
-                             "model.compile: true")
-        self.compile_dequantize = compile_dequantize
-        self.loss_impl = "standard"  # what model.loss resolves to on this run's device (configure_model)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.generation = generation or Generation()
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
-        if fsdp_load_on not in ("cpu", "device"):
-            raise ValueError(f"model.fsdp_load_on: {fsdp_load_on!r}; choose cpu or device")
-        self.fsdp_load_on = fsdp_load_on
         # Plain data only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -207,118 +183,62 @@ class QPeftModule(LightningModule):
         self.accumulator = TokenMeanAccumulator()
 
     # ----------------------------------------------------------------------------------- model
+    def setup(self, stage: str) -> None:
+        """Resolve the run plan: the trainer and the data module are known here, and no weight has loaded yet."""
+        self.plan = self.resolve_plan(self._trainer, getattr(self._trainer, "datamodule", None), stage == "fit")
+        for warning in self.plan.warnings:
+            rank_zero_warn(warning)
+
+    def resolve_plan(self, trainer: Any = None, datamodule: Any = None, fitting: Optional[bool] = None) -> RunPlan:
+        """The plan of this configuration on `trainer` with `datamodule`'s packing (`plan.resolve_plan`)."""
+        return resolve_plan(with_data(self.config, datamodule), trainer_facts(trainer, fitting))
+
     def configure_model(self) -> None:
         """Load this rank's base onto this rank's device and attach the adapter (once)."""
         if self.model is not None:
             return
+        if self.plan is None:  # configure_model without setup (a module used outside a trainer's loop)
+            self.plan = self.resolve_plan(self._trainer)
+        plan = self.plan
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        quant_storage, upcast_norms = self._storage_for_strategy()
-        if quant_storage != self.quant_storage:  # "auto" resolved (a float dtype under FSDP): check it again
-            compat.check(self.adapter, self.quantization, self.gradient_checkpointing, quant_storage, self.dtype_name,
-                         upcast_norms=upcast_norms, compute_dtype=self.compute_dtype)
-        compat.check_device(self.adapter, self.quantization, device)
-        if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None and self._fitting():
-            # AdaLoRA's rank schedule is laid out over the run's optimizer steps, which only the trainer knows
-            self.adapter = with_total_steps(self.adapter, self._total_steps(f"model.adapter={self.method}"))
-        # under FSDP (fsdp_load_on: cpu) the base waits in CPU memory: FSDP moves each unit to `device` as it
-        # wraps and shards it, so the GPU holds the shards and one unit, never the whole base
-        on_cpu = self._under_fsdp() and self.fsdp_load_on == "cpu" and device.type != "cpu"
+        if plan.total_steps is not None:
+            # the method's schedule is laid out over the run's optimizer steps, which only the trainer knows
+            self.adapter = plan.total_steps(self.adapter, self._total_steps(f"model.adapter={self.method}"))
         base = load_base_model(
             self.base_model,
             quantization=self.quantization,
             compute_dtype=self.compute_dtype,
             dtype=self.dtype_name,
-            quant_storage=quant_storage,
-            device=torch.device("cpu") if on_cpu else device,
+            quant_storage=plan.quant_storage,
+            device=torch.device("cpu") if plan.load_on_cpu else device,
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             quantize_device=device,
         )
-        self._warn_fp16_with_4bit()
-        base = prepare_base(base, self.gradient_checkpointing, upcast_norms, self.upcast_embeddings)
+        base = prepare_base(base, self.gradient_checkpointing, plan.upcast_norms, plan.upcast_embeddings)
         path = resolve_base_model(self.base_model)
         base_path = path if Path(path).is_dir() else None  # LoftQ reads the unquantized weights from here
         self.model = attach_adapter(base, self.adapter, self.adapter_path, base_path=base_path)
-        if self._under_fsdp():
+        if plan.check_flattenable:  # what the rules cannot know of a method without a row
             check_flattenable(self.model, self.method)
-        self.loss_impl = resolve_loss(self.loss, device)
-        if self.loss_impl != "standard":
+        if plan.loss != "standard":
             output_layer(causal_lm_of(self.model), self.loss)  # refuse a head the fused loss would get wrong
-        compiles = self._compiles()
         # process-wide (inductor's decomposition table): set by every module, so none inherits another's
-        set_traced_dequantize(compiles and self.compile_dequantize)
-        if compiles:
-            n = compile_layers(self.model, self.compile_options, self.compile_scope)
-            what = "attention and MLP modules" if self.compile_scope == "attention_mlp" else "decoder layers"
+        set_traced_dequantize(plan.compile_dequantize)
+        if plan.compile:
+            scope = self.config.compile_scope
+            n = compile_layers(self.model, self.compile_options, scope)
+            what = "attention and MLP modules" if scope == "attention_mlp" else "decoder layers"
             rank_zero_info(f"model.compile: {n} {what} compiled (options {self.compile_options or {}}"
-                           + ("; 4-bit dequantization traced" if self.compile_dequantize else "") + ")")
-
-    def _under_fsdp(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-
-    def _compiles(self) -> bool:
-        """Whether `model.compile` applies to this run: not under FSDP, where the compiled layers would sit inside
-        FSDP's units, a pairing neither tested nor measured here (configs/llama2-7b compiles by default, and the
-        same config must run under `--trainer.strategy fsdp` unchanged): that run is eager, with a warning."""
-        if self.use_compile and self._under_fsdp():
-            rank_zero_warn("model.compile: not applied under trainer.strategy=fsdp (compiled layers inside FSDP "
-                           "units are untested here); this run is eager")
-            return False
-        return self.use_compile
-
-    def _storage_for_strategy(self) -> tuple[str, bool]:
-        """(quant_storage, upcast_norms) for this run's strategy; refuses what FSDP cannot shard correctly."""
-        if not self._under_fsdp():
-            return ("uint8" if self.quant_storage == "auto" else self.quant_storage), self.upcast_norms
-        mode = get_quant_mode(self.quantization)
-        if mode.bits == 8:
-            raise ValueError(
-                "model.quantization=int8 cannot run with trainer.strategy=fsdp: FSDP shards float tensors only and "
-                "int8 weights are integers; use nf4/nf4-dq/fp4 (4-bit storage is made float) or trainer.strategy=ddp"
-            )
-        if isinstance(self.adapter, FSDP_UNFLATTENABLE):
-            # what check_flattenable finds once the model is built, said before a weight loads
-            raise ValueError(
-                f"model.adapter={self.method} cannot run with trainer.strategy=fsdp: its float32 tensors live inside "
-                "the decoder layers' FSDP units beside the bfloat16 base, and FSDP flattens a unit into one dtype; "
-                "use trainer.strategy=ddp, or an adapter made of layers (lora, prompt_tuning)")
-        param_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
-            fsdp_param_dtype(str(self.trainer.precision))
-        )
-        if mode.is_4bit and param_dtype is None:
-            raise ValueError(
-                f"trainer.precision={self.trainer.precision} cannot run a 4-bit base with trainer.strategy=fsdp: FSDP "
-                "would cast the packed 4-bit weights to float32 and corrupt them; use bf16-mixed"
-            )
-        if mode.is_4bit and self.quant_storage not in ("auto", param_dtype):
-            raise ValueError(
-                f"model.quant_storage={self.quant_storage} cannot run with trainer.strategy=fsdp at "
-                f"trainer.precision={self.trainer.precision}: it must be {param_dtype} (or auto)"
-            )
-        # one dtype per FSDP flat parameter: norms stay in the weights' dtype
-        return (param_dtype if mode.is_4bit else "uint8"), False
+                           + ("; 4-bit dequantization traced" if plan.compile_dequantize else "") + ")")
 
     def _fitting(self) -> bool:
         return self._trainer is not None and self.trainer.state.fn == "fit"
 
-    def setup(self, stage: str) -> None:
-        # runs before configure_model: refuse what the data settings make impossible before weights load
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        compat.check(self.adapter, self.quantization, self.gradient_checkpointing, self.quant_storage,
-                     self.dtype_name, packing=bool(getattr(datamodule, "packing", False)),
-                     upcast_norms=self.upcast_norms, compute_dtype=self.compute_dtype,
-                     precision=str(self.trainer.precision) if self._trainer is not None else "")
-
-    def _warn_fp16_with_4bit(self) -> None:
-        precision = str(self.trainer.precision) if self._trainer is not None else ""
-        if get_quant_mode(self.quantization).is_4bit and ("float16" == self.compute_dtype or precision.startswith("16")):
-            rank_zero_warn(
-                "model.compute_dtype=float16 / trainer.precision=16-* with a 4-bit base is a known source of loss "
-                "collapse (fp16 overflows in the dequantized matmuls); prefer bfloat16 and bf16-mixed on GPUs that "
-                "have it (Ampere and newer)"
-            )
+    @property
+    def loss_impl(self) -> str:
+        """What model.loss resolves to on this run's device (standard until the plan is resolved)."""
+        return self.plan.loss if self.plan is not None else "standard"
 
     @property
     def method(self) -> str:
@@ -450,38 +370,25 @@ class QPeftModule(LightningModule):
         self.after_optimizer_step(self.trainer.global_step)
 
     def after_optimizer_step(self, step: int) -> None:
-        """Per-method work after optimizer step `step` (0-based), while the gradients are still there.
-
-        AdaLoRA scores each rank's importance from weight x gradient and masks the least important ones
-        (peft: "call update_and_allocate after backward and optimizer.step, before zero_grad").
-        """
-        if isinstance(self.adapter, AdaLoraConfig) and self.adapter_path is None:
-            self.model.base_model.update_and_allocate(step)
+        """Per-method work after optimizer step `step` (0-based), while the gradients are still there: the
+        method row's `after_step` (AdaLoRA reallocates its rank budget)."""
+        if self.plan is not None and self.plan.after_step is not None:
+            self.plan.after_step(self.model, step)
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
-        if gradient_clip_val and self._under_fsdp():
+        if gradient_clip_val and self.plan is not None and self.plan.clip_with_fsdp:
             # Lightning's FSDP precision refuses norm clipping (`trainer.gradient_clip_val`, QLoRA's 0.3); FSDP's
             # own clip_grad_norm_ computes the norm over every rank's shard, which is what clipping by norm means
-            if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm} cannot run with "
-                                 "trainer.strategy=fsdp; use norm")
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params and self.adapter_path is not None and self.adapter.is_prompt_learning:
-            raise ValueError(
-                f"model.adapter_path: {self.method} adapters load for evaluation only (peft cannot make a "
-                "trained prompt-learning adapter trainable again); train a new one with model.adapter"
-            )
-        if not params:
-            raise ValueError(
-                f"model.adapter: {self.method} leaves nothing to train; set model.adapter "
-                "(e.g. --model.adapter configs/adapter/qlora.yaml) to fine-tune"
-            )
+        if not params:  # the plan refuses the known cases in setup, before any weight loads; here, the same words
+            self.resolve_plan(self._trainer, getattr(self._trainer, "datamodule", None), fitting=True)
+            raise nothing_to_train(self.method)
         optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -494,8 +401,8 @@ class QPeftModule(LightningModule):
         """The run's optimizer steps, for schedules laid out over them; refused when the run has no end."""
         steps = self.trainer.estimated_stepping_batches
         if steps == float("inf"):
-            raise ValueError(f"{what} is laid out over the run's optimizer steps, and this run has no set length: "
-                             "set trainer.max_steps or trainer.max_epochs")
+            raise ConfigError("trainer.max_steps", "set trainer.max_steps or trainer.max_epochs",
+                              head=f"{what} is laid out over the run's optimizer steps, and this run has no set length")
         return int(steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -529,7 +436,7 @@ class QPeftModule(LightningModule):
         """Refuse a checkpoint of another adapter or base, saying what differs."""
         meta = checkpoint.get("qpeft")
         if meta is None:
-            raise ValueError("ckpt_path: not a lightning_qpeft checkpoint (no 'qpeft' entry)")
+            raise ConfigError("ckpt_path", "not a lightning_qpeft checkpoint (no 'qpeft' entry)")
         expected = self.trainable_names()
         mine = {"base_model": self.base_model, "quantization": self.quantization, "tensors": expected}
         mine_adapter = adapter_to_dict(self.adapter)
@@ -542,7 +449,7 @@ class QPeftModule(LightningModule):
             extra = sorted(set(meta.get("tensors", [])) - set(expected))[:3]
             diffs.append(f"trainable tensors differ (missing {missing}, unexpected {extra})")
         if diffs:
-            raise ValueError("ckpt_path: the checkpoint does not match this configuration:\n  " + "\n  ".join(diffs))
+            raise ConfigError("ckpt_path", "the checkpoint does not match this configuration:\n  " + "\n  ".join(diffs))
         # applied when training starts again: restoring here, before the loops are set up, would let what
         # runs in between (sanity checks, validation) draw from them
         self._rng_to_restore = checkpoint.get("rng")

@@ -104,8 +104,6 @@ def test_no_target_token_is_refused(tiny_model_dir):
 def test_pad_to_multiple_of_is_checked_and_counted_in_the_padding(tiny_model_dir):
     with pytest.raises(ValueError, match="data.pad_to_multiple_of: 0; give at least 1"):
         NLGDataModule(tiny_model_dir, pad_to_multiple_of=0)
-    with pytest.raises(ValueError, match="data.pad_to_multiple_of pads batches; data.packing makes padding-free"):
-        NLGDataModule(tiny_model_dir, pad_to_multiple_of=64, packing=True)
     fractions = []
     for multiple in (None, 64):
         dm = NLGDataModule(tiny_model_dir, batch_size=4, max_train_records=40, pad_to_multiple_of=multiple)

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from lightning_qpeft.cli import QPeftCLI
-from lightning_qpeft.model import compat
+from lightning_qpeft.model import compat, rules
 from lightning_qpeft.model.adapters import attach_adapter
+from lightning_qpeft.model.facts import RunConfig, TrainerFacts
 from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.module import QPeftModule
+from lightning_qpeft.model.plan import resolve_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +31,12 @@ CUDA = cells_with(compat.Status.CUDA)
 
 def config(method: str, **init_args):
     return compat.load_method_config(method, base_model="checkpoints/tiny-llama", **init_args)
+
+
+def check(adapter, quantization: str, precision: str = "", device=None, **keys):
+    """The plan of a configuration (the table's refusals raise)."""
+    return resolve_plan(RunConfig(adapter=adapter, quantization=quantization, **keys),
+                        TrainerFacts(precision=precision, device=device))
 
 
 def shown_name(method: str) -> str:
@@ -53,7 +61,7 @@ def test_cuda_cell_passes_init_and_is_refused_on_cpu_before_loading(method, quan
     with pytest.raises(ValueError, match=rf"model.adapter={method} cannot run with model.quantization={quantization} "
                                          r"on cpu: .*train on a GPU \(trainer.accelerator=gpu\)"):
         module.configure_model()
-    compat.check_device(config(method), quantization, "cuda")  # allowed there
+    check(config(method), quantization, device="cuda")  # allowed there
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -72,16 +80,16 @@ def test_rules_on_other_keys(kwargs, message):
     kwargs = dict(kwargs)
     adapter = config(kwargs.pop("adapter"))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        compat.check(adapter, **kwargs)
+        check(adapter, **kwargs)
 
 
 def test_float_storage_rule_refuses_methods_that_read_the_weight():
     # no supported 4-bit cell reads the weight today (pissa, loftq and full are refused on 4-bit); the rule
     # guards the next row that would: FSDP's float storage makes packed bytes look like weights
     row = dataclasses.replace(compat.METHODS["lora"], name="reader", reads_weight=True)
-    setting = compat.Setting(None, "reader", row, "nf4", quant_storage="bfloat16")
-    assert "model.adapter=reader cannot run with model.quant_storage=bfloat16" in compat._float_storage(setting)
-    assert compat._float_storage(dataclasses.replace(setting, quant_storage="auto")) is None
+    setting = rules.Setting(RunConfig(quantization="nf4"), TrainerFacts(), "reader", row, "bfloat16", True)
+    assert "model.adapter=reader cannot run with model.quant_storage=bfloat16" in str(rules._float_storage(setting))
+    assert rules._float_storage(dataclasses.replace(setting, quant_storage="auto")) is None
 
 
 def test_randomized_pissa_is_refused():
@@ -90,26 +98,25 @@ def test_randomized_pissa_is_refused():
     adapter = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights="pissa_niter_4")
     with pytest.raises(ValueError, match="model.adapter=pissa cannot use "
                                          "model.adapter.init_args.init_lora_weights=pissa_niter_4"):
-        compat.check(adapter, "none")
+        check(adapter, "none")
 
 
 def test_rules_pass_where_they_should():
-    compat.check(config("prefix_tuning"), "nf4", gradient_checkpointing=False)
-    compat.check(config("lora"), "nf4", gradient_checkpointing=True, quant_storage="bfloat16")
-    compat.check(config("full"), "none", dtype="float32")
-    compat.check(config("ln_tuning"), "nf4", upcast_norms=False, compute_dtype="float32")
-    compat.check(config("ln_tuning"), "none", upcast_norms=True, dtype="bfloat16")
-    compat.check(config("pissa"), "none")
-    compat.check(config("lora"), "nf4", packing=True)
+    check(config("prefix_tuning"), "nf4", gradient_checkpointing=False)
+    check(config("lora"), "nf4", gradient_checkpointing=True, quant_storage="bfloat16")
+    check(config("full"), "none", dtype="float32")
+    check(config("ln_tuning"), "nf4", upcast_norms=False, compute_dtype="float32")
+    check(config("ln_tuning"), "none", upcast_norms=True, dtype="bfloat16")
+    check(config("pissa"), "none")
+    check(config("lora"), "nf4", packing=True)
 
 
 def test_unknown_method_is_refused_on_quantized_bases_and_warned_on_unquantized():
     fourier = peft.FourierFTConfig(target_modules=["q_proj"], task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match="model.adapter=fourierft cannot run with model.quantization=nf4: "
                                          "fourierft has no row in the compatibility table"):
-        compat.check(fourier, "nf4")
-    with pytest.warns(UserWarning, match="not in the compatibility table"):
-        compat.check(fourier, "none")
+        check(fourier, "nf4")
+    assert any("not in the compatibility table" in w for w in check(fourier, "none").warnings)
 
 
 def test_every_yaml_is_a_row_and_every_row_has_a_yaml():

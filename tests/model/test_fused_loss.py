@@ -1,6 +1,8 @@
 """The fused (chunked) linear + cross-entropy equals the standard loss: as a function, in gradients, and over
 optimizer steps of the tiny 4-bit model; refusals name model.loss."""
 
+import dataclasses
+
 import peft
 import pytest
 import torch
@@ -80,7 +82,7 @@ def test_fused_training_equals_standard_training(tiny_model_dir, batches):
         for n, p in module.model.named_parameters():
             if n in start:
                 p.copy_(start[n])
-    module.loss_impl = "standard"
+    module.plan = dataclasses.replace(module.plan, loss="standard")
     plain, _ = losses_of(tiny_model_dir, batches, module=module)
     assert plain[2] < plain[0] - 0.5  # it trains, so equal losses at step 3 mean equal updates
     assert fused == pytest.approx(plain, rel=1e-5)
