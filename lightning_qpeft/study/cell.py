@@ -9,8 +9,8 @@ event folder holds every number of the cell and the base model is loaded once. T
 `python -m lightning_qpeft fit ARGS`, then `test ARGS --model.adapter null --model.adapter_path <log>/adapter`.
 
 What the runner cannot see from outside is written beside cell.json:
-    error.json    the exception that ended the run: type, message, and whether it is one of the project's
-                  up-front refusals (a ValueError-style message that opens with the config key, `model.x: ...`)
+    error.json    the exception that ended the run: its class, the classes it derives from (a `ConfigError` is
+                  one of the project's refusals: `collect.is_refused`) and its message
     process.json  peak CUDA memory of this process (torch.cuda.max_memory_allocated), when CUDA is used
 """
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning_qpeft.study.collect import is_refusal
+from lightning_qpeft.study.collect import error_record
 from lightning_qpeft.utils.atomic import atomic_file
 
 
@@ -49,11 +49,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         _record_cuda_peak(spec_path.parent / "process.json")
     except SystemExit as e:
         if e.code not in (0, None):  # jsonargparse printed why; the runner quotes the log's last lines
-            _write_json(error_path, {"type": "SystemExit", "message": "the configuration was refused (see the log)",
-                                     "refused": True})
+            _write_json(error_path, {"type": "SystemExit", "types": ["SystemExit"],
+                                     "message": "the configuration was refused (see the log)"})
         raise
     except BaseException as e:
-        _write_json(error_path, {"type": type(e).__name__, "message": str(e), "refused": is_refusal(e)})
+        _write_json(error_path, error_record(e))
         raise
 
 

@@ -12,17 +12,20 @@ Besides the logs, the runner measures from outside: `wall_time_s` (the cell's pr
 and `peak_rss_gib` (its peak resident memory), both from `os.wait4`'s rusage of that one child (`ru_maxrss`:
 CPU memory of the whole process, Python and libraries included). `peak_cuda_gib` is the process's
 `torch.cuda.max_memory_allocated`, written by the cell itself.
+
+A cell is `refused` when its run ended with a `ConfigError` (the cell records the exception's class and its bases
+in error.json) or jsonargparse refused its arguments; any other exception is a failure.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_qpeft.callbacks.metrics_file import FILE_NAME as METRICS_FILE
 from lightning_qpeft.callbacks.metrics_file import read_metrics
+from lightning_qpeft.core.errors import ConfigError
 
 # The metrics the report knows by name (the project's fixed tags), in the order of results.csv's columns.
 QUALITY_METRICS = ("val/loss", "val/ppl", "test/loss", "test/rouge1", "test/rouge2", "test/rougeL", "test/bleu",
@@ -33,15 +36,15 @@ RUNNER_METRICS = ("wall_time_s", "cpu_time_s", "peak_rss_gib", "peak_cuda_gib")
 KNOWN_METRICS = QUALITY_METRICS + COST_METRICS + ("train/loss",)
 REDUCE_MAX = ("perf/peak_memory_gib",)
 
-# "model.adapter: ...", "data.path: ...", "ckpt_path: ...": the project's refusals name the key first
-# "key: ...", "key[0]: ...", "key (note): ..." and the compatibility table's "model.adapter=x cannot run with ..."
-_REFUSAL = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|ckpt_path|seed_everything)(?:\[[^\]]*\])?"
-                      r"(?: \([^)]*\))?(?:: |=\S+ cannot run with )")
+def error_record(error: BaseException) -> dict[str, Any]:
+    """What error.json holds: the exception's class, the names of it and its bases (read by `is_refused`), its
+    text."""
+    return {"type": type(error).__name__, "types": [c.__name__ for c in type(error).__mro__], "message": str(error)}
 
 
-def is_refusal(error: BaseException | str) -> bool:
-    """Whether an error is one of the project's up-front refusals (its message opens with a config key)."""
-    return bool(_REFUSAL.match(str(error).strip()))
+def is_refused(record: dict[str, Any]) -> bool:
+    """Whether an error.json record is a refusal: a `ConfigError` (or a subclass), or jsonargparse's exit."""
+    return ConfigError.__name__ in record.get("types", ()) or record.get("type") == "SystemExit"
 
 
 def higher_is_better(metric: str) -> bool:
@@ -116,7 +119,7 @@ def collect_cell(cell_dir: Path, returncode: Optional[int]) -> dict[str, Any]:
     error = json.loads(error_path.read_text()) if error_path.exists() else None
     result["error_tail"] = log_tail(cell_dir / "output.log")
     if error is not None:
-        result["status"] = "refused" if error.get("refused") else "failed"
+        result["status"] = "refused" if is_refused(error) else "failed"
         message = error["message"] if error["type"] != "SystemExit" else _last_error_line(result["error_tail"])
         result["error"] = f"{error['type']}: {message}"
     else:

@@ -15,8 +15,9 @@ middle of a cell loses that cell only. Killing the study kills the running cell 
 
 Before any process starts, each pending cell's configuration is parsed and instantiated in this process
 (`QPeftCLI(run=False)`, no weights loaded): a config the project refuses (unknown key or value, an impossible
-combination caught in a constructor) is recorded as `refused` without spending a process on it. Refusals that
-only show when the model is built are recognised in the cell's process (`cell.py`).
+combination caught by the run plan, `model/plan.py`, with the cell's trainer and data module) is recorded as
+`refused` without spending a process on it. Refusals that only show when the model is built are recognised in the
+cell's process by their type (`ConfigError`, recorded in error.json by `cell.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning_qpeft
-from lightning_qpeft.study.collect import collect_cell, is_refusal
+from lightning_qpeft.core.errors import ConfigError
+from lightning_qpeft.study.collect import collect_cell
 from lightning_qpeft.study.config import Cell, StudySpec, expand, inputs_digest
 from lightning_qpeft.study.results import StudyResults, cell_dir, read_result, read_results
 from lightning_qpeft.utils.atomic import atomic_file
@@ -241,7 +243,9 @@ class StudyRunner:
                 with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
                         warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # e.g. LightningCLI's "args and sys.argv both given"
-                    QPeftCLI(args=[*self.cell_args(cell), "--trainer.logger", "false"], run=False)
+                    cli = QPeftCLI(args=[*self.cell_args(cell), "--trainer.logger", "false"], run=False)
+                    # the run plan the cell's process resolves, with this cell's trainer and data module
+                    cli.model.resolve_plan(cli.trainer, cli.datamodule, fitting=cell.fit)
             except SystemExit:
                 # jsonargparse's usage line, then "error: ..." and its indented details
                 lines = err.getvalue().splitlines()
@@ -249,7 +253,7 @@ class StudyRunner:
                 why = " ".join(" ".join(lines[start:]).split())
                 refused[cell.id] = f"configuration: {why[:600] or 'did not parse'}"
             except Exception as e:  # noqa: BLE001 - every constructor refusal counts, named as it was raised
-                refused[cell.id] = f"{type(e).__name__}: {e}" if not is_refusal(e) else str(e)
+                refused[cell.id] = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
             finally:
                 for lg, level in zip(quiet, levels):
                     lg.setLevel(level)

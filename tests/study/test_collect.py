@@ -5,24 +5,22 @@ import json
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_qpeft.study.collect import collect_cell, higher_is_better, is_refusal, reduce_scalars
+from lightning_qpeft.core.errors import ConfigError
+from lightning_qpeft.study.collect import collect_cell, error_record, higher_is_better, reduce_scalars
 
 
-@pytest.mark.parametrize("message, refused", [
-    ("model.adapter: prefix tuning cannot run with model.gradient_checkpointing=true; set it to false", True),
-    ("data.path: /x.jsonl:3: Expecting value", True),
-    ("model.adapter.init_args.r: must be positive", True),
-    ("ckpt_path: the checkpoint does not match this configuration", True),
-    ("model.adapter=dora cannot run with model.quantization=int8 on cpu: bitsandbytes' CPU int8 matmul", True),
-    ("model.tokenizer (model.base_model unless set): no folder at '/x'", True),
-    ("model.adapter=dora was slow", False),
-    ("Invalid beta parameter at index 0: 2.0", False),
-    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
-    ("mat1 and mat2 shapes cannot be multiplied (32x64 and 1x2)", False),
-    ("trainer: something", False),  # a bare word before the colon is not a config key
+@pytest.mark.parametrize("error, status", [
+    (ConfigError("model.adapter", "prefix tuning cannot run with model.gradient_checkpointing=true",
+                 "set it to false"), "refused"),
+    (type("SubError", (ConfigError,), {})("data.path", "no file"), "refused"),  # a subclass is a refusal too
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "failed"),
+    (ValueError("model.adapter: worded like a refusal, raised as a plain ValueError"), "failed"),
 ])
-def test_refusals_are_messages_that_open_with_a_config_key(message, refused):
-    assert is_refusal(ValueError(message)) is refused
+def test_a_cell_is_refused_by_the_type_of_its_error_not_its_words(tmp_path, error, status):
+    (tmp_path / "error.json").write_text(json.dumps(error_record(error)))
+    res = collect_cell(tmp_path, 1)
+    assert res["status"] == status
+    assert res["error"] == f"{type(error).__name__}: {error}"
 
 
 def test_metric_directions():
@@ -64,16 +62,16 @@ def test_collect_done_cell(tmp_path):
 def test_collect_failed_and_refused_cells(tmp_path):
     write_run(tmp_path, {"val/loss": [(10, 2.0)]})
     (tmp_path / "output.log").write_text("Traceback (most recent call last):\n  ...\nValueError: model.adapter: no\n")
-    (tmp_path / "error.json").write_text(json.dumps({"type": "ValueError", "message": "model.adapter: no",
-                                                     "refused": True}))
+    (tmp_path / "error.json").write_text(json.dumps(error_record(ConfigError("model.adapter", "no"))))
     res = collect_cell(tmp_path, 1)
-    assert (res["status"], res["error"]) == ("refused", "ValueError: model.adapter: no")
+    assert (res["status"], res["error"]) == ("refused", "ConfigError: model.adapter: no")
     assert res["metrics"]["val/loss"] == 2.0  # what the run logged before it stopped is kept
     assert res["error_tail"].endswith("ValueError: model.adapter: no")
 
     # a parse error: jsonargparse printed the reason; the log's last error line is quoted
     (tmp_path / "output.log").write_text("usage: ...\nerror: Parser key \"model.quantisation\": unknown\n")
-    (tmp_path / "error.json").write_text(json.dumps({"type": "SystemExit", "message": "x", "refused": True}))
+    (tmp_path / "error.json").write_text(json.dumps({"type": "SystemExit", "types": ["SystemExit"], "message": "x"}))
+    assert collect_cell(tmp_path, 2)["status"] == "refused"
     assert collect_cell(tmp_path, 2)["error"] == 'SystemExit: error: Parser key "model.quantisation": unknown'
 
     (tmp_path / "error.json").unlink()  # no error.json: the process died without a Python exception

@@ -187,7 +187,7 @@ def test_study_goes_on_after_a_failed_cell(tmp_path):
 
 @pytest.mark.parametrize("extra, status, error", [
     # a refusal that only shows once the model is built, classified from the cell's error.json
-    (["--model.adapter", "null"], "refused", "ValueError: model.adapter: none leaves nothing to train"),
+    (["--model.adapter", "null"], "refused", "ConfigError: model.adapter: none leaves nothing to train"),
     # any other exception: failed, with its message (an out-of-range number is refused as the config is parsed:
     # torch's own check of a combination is raised while running)
     (["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.nesterov", "true"], "failed",
