@@ -69,6 +69,8 @@ class AdapterExport(Callback):
         enabled: set False to skip the export.
     """
 
+    metric_directions = {"adapter/size_bytes": "lower"}  # which way it is better (metrics_file.py)
+
     def __init__(self, dirpath: Optional[str] = None, enabled: bool = True) -> None:
         self.dirpath = dirpath
         self.enabled = enabled

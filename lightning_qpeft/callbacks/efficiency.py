@@ -107,6 +107,11 @@ class EfficiencyMonitor(Callback):
         record_setup_memory: CUDA allocation history of the set-up, written at the first step (see above).
     """
 
+    # which way each logged metric is better (metrics_file.py writes them beside the metrics)
+    metric_directions = {"perf/tokens_per_s*": "higher", "perf/supervised_tokens_per_s": "higher",
+                         "perf/samples_per_s": "higher", "perf/mfu": "higher", "perf/hfu": "higher",
+                         "perf/step_time": "lower", "perf/peak_memory_gib*": "lower", "perf/pad_fraction": "lower"}
+
     def __init__(
         self,
         enabled: bool = True,

@@ -58,6 +58,9 @@ class GenerationMetrics(Callback):
         rouge_stemmer: Porter-stem words before ROUGE.
     """
 
+    # which way each score is better, for every stage (metrics_file.py)
+    metric_directions = {"*/rouge1": "higher", "*/rouge2": "higher", "*/rougeL": "higher", "*/bleu": "higher"}
+
     def __init__(self, test: bool = True, validate: bool = True, fit_every_n_val: int = 0,
                  max_records: Optional[int] = None, batch_size: Optional[int] = None,
                  dirpath: Optional[str] = None, rouge_stemmer: bool = True) -> None:

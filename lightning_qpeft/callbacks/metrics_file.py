@@ -4,20 +4,52 @@ The CLI adds this logger to every run that has one (TensorBoard by default, or a
 CSVLogger, WandbLogger, MLFlowLogger): each `log_metrics` call becomes one line `{"step": N, "name": value,
 ...}` in `<log_dir>/metrics.jsonl`. The study reads a cell's numbers from that file, so it works with every
 logger, and anyone can read a run's metrics without TensorBoard.
+
+Beside it, `metric_directions.json` says which way each metric is better: every object of the run that logs
+metrics (the LightningModule, the data module, each callback) declares them where it logs them, as a mapping
+`metric_directions = {"val/loss": "lower", "*/bleu": "higher", ...}` (names or fnmatch patterns; an exact name
+wins over a pattern). Metrics nobody declares have no direction.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_qpeft.utils.atomic import atomic_file
+
 FILE_NAME = "metrics.jsonl"
+DIRECTIONS_FILE = "metric_directions.json"
+DIRECTIONS = ("higher", "lower")
+
+
+def declared_directions(trainer: Any) -> dict[str, str]:
+    """The `metric_directions` every part of the run declares (module, data module, callbacks), merged."""
+    owners = [getattr(trainer, "lightning_module", None), getattr(trainer, "datamodule", None),
+              *(getattr(trainer, "callbacks", None) or [])]
+    declared: dict[str, str] = {}
+    for owner in owners:
+        mapping = getattr(owner, "metric_directions", None)
+        if isinstance(mapping, Mapping):
+            declared.update(mapping)
+    bad = {k: v for k, v in declared.items() if v not in DIRECTIONS}
+    if bad:
+        raise ValueError(f"metric_directions: {bad}; each direction is higher or lower")
+    return declared
+
+
+def direction_of(metric: str, directions: Mapping[str, str]) -> Optional[str]:
+    """`higher` or `lower` for a metric name (its own entry, else the first pattern it matches); None: undeclared."""
+    if metric in directions:
+        return directions[metric]
+    return next((d for pattern, d in directions.items() if fnmatch.fnmatchcase(metric, pattern)), None)
 
 
 class MetricsFile(Logger):
@@ -33,6 +65,7 @@ class MetricsFile(Logger):
         super().__init__()
         self._trainer = trainer
         self._path: Optional[Path] = None
+        self._directions: Optional[dict[str, str]] = None  # as last written
 
     @property
     def name(self) -> str:
@@ -67,6 +100,14 @@ class MetricsFile(Logger):
             row[key] = value if math.isfinite(value) else str(value)  # JSON has no NaN/Inf
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_directions()
+
+    def _write_directions(self) -> None:
+        directions = declared_directions(self._trainer)
+        if directions != self._directions:
+            with atomic_file(self.path.parent / DIRECTIONS_FILE, "w") as f:
+                json.dump(directions, f, indent=1, sort_keys=True)
+            self._directions = directions
 
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Namespace], *args: Any, **kwargs: Any) -> None:
@@ -84,3 +125,9 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
         for key, value in row.items():
             out.setdefault(key, []).append((step if step is not None else -1, float(value)))
     return out
+
+
+def read_directions(log_dir: Path) -> dict[str, str]:
+    """A run's `metric_directions.json` (empty when it has none)."""
+    path = Path(log_dir) / DIRECTIONS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

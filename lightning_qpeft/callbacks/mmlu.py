@@ -79,6 +79,11 @@ class MMLUEvaluation(Callback):
             beside zero-shot) takes another (`mmlu5/accuracy`) so that neither overwrites the other.
     """
 
+    @property
+    def metric_directions(self) -> dict[str, str]:
+        """Which way each logged metric is better (metrics_file.py): accuracies up, losses down."""
+        return {f"{self.name}/*": "higher", f"{self.name}/loss": "lower", f"{self.name}/lm_loss": "lower"}
+
     def __init__(
         self,
         enabled: bool = False,

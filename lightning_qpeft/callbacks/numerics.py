@@ -33,6 +33,8 @@ class NonFiniteGuard(Callback):
         max_skips: consecutive skipped steps after which the run stops anyway.
     """
 
+    metric_directions = {"train/nonfinite_skips": "lower"}  # which way it is better (metrics_file.py)
+
     def __init__(self, policy: str = "skip", max_skips: int = 20) -> None:
         if policy not in ("skip", "stop"):
             raise ValueError(f"nonfinite.policy: {policy!r}; choose skip or stop")

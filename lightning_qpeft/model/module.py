@@ -110,6 +110,10 @@ class QPeftModule(LightningModule):
             as under DDP: the whole base must fit one GPU).
     """
 
+    # which way each logged metric is better (the run's metrics file records them for the study)
+    metric_directions = {"train/loss": "lower", "val/loss": "lower", "val/ppl": "lower", "test/loss": "lower",
+                         "test/ppl": "lower", "params/trainable": "lower", "params/total": "lower"}
+
     def __init__(
         self,
         base_model: str = "checkpoints/tiny-llama",

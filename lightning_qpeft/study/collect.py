@@ -14,17 +14,18 @@ CPU memory of the whole process, Python and libraries included). `peak_cuda_gib`
 `torch.cuda.max_memory_allocated`, written by the cell itself.
 
 A cell is `refused` when its run ended with a `ConfigError` (the cell records the exception's class and its bases
-in error.json) or jsonargparse refused its arguments; any other exception is a failure.
+in error.json) or jsonargparse refused its arguments; any other exception is a failure. Each metric's direction
+is the one the run declared (`metric_directions.json`, beside its metrics), or the runner's for its own figures.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from lightning_qpeft.callbacks.metrics_file import FILE_NAME as METRICS_FILE
-from lightning_qpeft.callbacks.metrics_file import read_metrics
+from lightning_qpeft.callbacks.metrics_file import direction_of, read_directions, read_metrics
 from lightning_qpeft.core.errors import ConfigError
 
 # The metrics the report knows by name (the project's fixed tags), in the order of results.csv's columns.
@@ -35,6 +36,10 @@ COST_METRICS = ("params/trainable", "params/total", "adapter/size_bytes", "perf/
 RUNNER_METRICS = ("wall_time_s", "cpu_time_s", "peak_rss_gib", "peak_cuda_gib")
 KNOWN_METRICS = QUALITY_METRICS + COST_METRICS + ("train/loss",)
 REDUCE_MAX = ("perf/peak_memory_gib",)
+
+# the runner's own figures (measured from outside the cell), declared where they are measured
+RUNNER_DIRECTIONS = {m: "lower" for m in RUNNER_METRICS}
+
 
 def error_record(error: BaseException) -> dict[str, Any]:
     """What error.json holds: the exception's class, the names of it and its bases (read by `is_refused`), its
@@ -47,10 +52,22 @@ def is_refused(record: dict[str, Any]) -> bool:
     return ConfigError.__name__ in record.get("types", ()) or record.get("type") == "SystemExit"
 
 
-def higher_is_better(metric: str) -> bool:
-    """Direction of a metric: losses, perplexities, memory and time go down; the rest goes up."""
-    low = ("loss", "ppl", "memory", "rss", "cuda", "time_s", "size", "params/", "step_time")
-    return not any(s in metric for s in low)
+def study_directions(results: Iterable[Optional[dict[str, Any]]]) -> dict[str, str]:
+    """The metric directions the cells' runs declared, merged (None: a cell not run), with the runner's own."""
+    merged = dict(RUNNER_DIRECTIONS)
+    for res in results:
+        merged.update((res or {}).get("directions", {}))
+    return merged
+
+
+def higher_is_better(metric: str, directions: dict[str, str]) -> Optional[bool]:
+    """A metric's declared direction (`directions`: `study_directions`); None: nobody declared it."""
+    found = direction_of(metric, directions)
+    return None if found is None else found == "higher"
+
+
+def better_words(higher: Optional[bool]) -> str:
+    return {True: "higher is better", False: "lower is better", None: "direction not declared"}[higher]
 
 
 def find_log_dir(run_dir: Path) -> Optional[Path]:
@@ -101,6 +118,7 @@ def collect_cell(cell_dir: Path, returncode: Optional[int]) -> dict[str, Any]:
     if log_dir is not None:
         written = log_dir / METRICS_FILE
         result["metrics"] = reduce_scalars(read_metrics(written) if written.exists() else read_scalars(log_dir))
+        result["directions"] = read_directions(log_dir)
         if (log_dir / "config.yaml").exists():
             result["config"] = str(log_dir / "config.yaml")
         if (log_dir / "perf.json").exists():  # the environment the figures come from

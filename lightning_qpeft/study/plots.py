@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from lightning_qpeft.study.collect import higher_is_better
+from lightning_qpeft.study.collect import better_words, higher_is_better
 
 if TYPE_CHECKING:
     from lightning_qpeft.study.results import StudyResults
@@ -86,12 +86,14 @@ def scatter(study: StudyResults, rows: list[dict[str, Any]], x: str, x_label: st
     for r in pts:
         ax.annotate(_cell_label(study, r, skip=row_axis), (r[x], r[y]), fontsize=6, xytext=(3, 2),
                     textcoords="offset points", color="0.3")
-    front = pareto_front([(r[x], r[y]) for r in pts], x_lower=not higher_is_better(x), y_lower=not higher_is_better(y))
-    fx, fy = [pts[i][x] for i in front], [pts[i][y] for i in front]
-    ax.step(fx, fy, where="post", color="0.5", lw=1, ls="--", zorder=2, label="Pareto front")
-    ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="k", lw=1, zorder=4)
+    x_higher, y_higher = higher_is_better(x, study.directions), higher_is_better(y, study.directions)
+    if x_higher is not None and y_higher is not None:  # a front needs both directions
+        front = pareto_front([(r[x], r[y]) for r in pts], x_lower=not x_higher, y_lower=not y_higher)
+        fx, fy = [pts[i][x] for i in front], [pts[i][y] for i in front]
+        ax.step(fx, fy, where="post", color="0.5", lw=1, ls="--", zorder=2, label="Pareto front")
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="k", lw=1, zorder=4)
     ax.set_xlabel(x_label, fontsize=8)
-    ax.set_ylabel(f"{y} ({'higher' if higher_is_better(y) else 'lower'} is better)", fontsize=8)
+    ax.set_ylabel(f"{y} ({better_words(y_higher)})", fontsize=8)
     ax.set_title(f"{study.spec.name}: {y} vs {x}", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, title=row_axis, title_fontsize=7)
@@ -119,7 +121,7 @@ def bar_chart(study: StudyResults, rows: list[dict[str, Any]], metric: str, path
            color=[cmap(groups.index(r[row_axis]) % 10) for r in pts])
     ax.set_xticks(range(len(pts)), [_cell_label(study, r) for r in pts], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel(metric, fontsize=8)
-    ax.set_title(f"{study.spec.name}: {metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)",
+    ax.set_title(f"{study.spec.name}: {metric} ({better_words(higher_is_better(metric, study.directions))})",
                  fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="y", alpha=0.3)

@@ -29,6 +29,7 @@ from lightning_qpeft.study.collect import (
     KNOWN_METRICS,
     QUALITY_METRICS,
     RUNNER_METRICS,
+    better_words,
     higher_is_better,
 )
 from lightning_qpeft.study.plots import write_plots
@@ -120,7 +121,8 @@ def pivot_table(study: StudyResults, rows: list[dict[str, Any]], metric: str) ->
     labels["extra"] = list(dict.fromkeys(r.get("extra", "") for r in rows))
     combos = [c for c in product(*(labels[a] for a in col_axes))
               if any(all(r.get(a) == lab for a, lab in zip(col_axes, c)) for r in rows)] or [()]
-    better = max if higher_is_better(metric) else min
+    higher = higher_is_better(metric, study.directions)
+    better = None if higher is None else max if higher else min
     table: list[list[str]] = []
     means: dict[tuple[int, int], float] = {}
     for i, rlab in enumerate(labels[row_axis]):
@@ -140,7 +142,7 @@ def pivot_table(study: StudyResults, rows: list[dict[str, Any]], metric: str) ->
         table.append(line)
     for j in range(len(combos)):  # bold the best of each column
         col = {i: v for (i, jj), v in means.items() if jj == j}
-        if len(col) > 1:
+        if len(col) > 1 and better is not None:
             best = better(col.values())
             for i, v in col.items():
                 if v == best:
@@ -228,7 +230,7 @@ def markdown_report(study: StudyResults, rows: list[dict[str, Any]], plot_files:
              f"{summary_line(rows)}. Base config `{spec.base_config}`; axes: "
              + "; ".join(f"`{a}` ({', '.join(_axis_labels(study, a))})" for a in spec.axes) + ".", ""]
     for metric in spec.report.metrics:
-        direction = "higher is better" if higher_is_better(metric) else "lower is better"
+        direction = better_words(higher_is_better(metric, study.directions))
         meaningless = not spec.quality_meaningful and metric in QUALITY_METRICS
         parts += [f"## {metric} ({direction}{'; not meaningful: random weights' if meaningless else ''})", "",
                   _table_or_absence(study, rows, metric), ""]
@@ -269,7 +271,7 @@ def readme_section(study: StudyResults, rows: list[dict[str, Any]], assets_rel: 
     spec = study.spec
     parts = [*caveats(study), f"{summary_line(rows)}.", ""]
     for metric in spec.report.metrics:
-        parts += [f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better):", "",
+        parts += [f"{metric} ({better_words(higher_is_better(metric, study.directions))}):", "",
                   _table_or_absence(study, rows, metric), ""]
     lines = baseline_lines(study, rows, spec.report.quality)
     if lines:

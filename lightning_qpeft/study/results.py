@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_qpeft.study.collect import study_directions
 from lightning_qpeft.study.config import Cell, StudySpec, expand
 
 
@@ -45,6 +46,11 @@ class StudyResults:
 
     def result(self, cell: Cell) -> Optional[dict[str, Any]]:
         return self.results.get(cell.id)
+
+    @property
+    def directions(self) -> dict[str, str]:
+        """Which way each metric is better, as the cells' runs declared it (`collect.study_directions`)."""
+        return study_directions(self.results.values())
 
 
 def read_results(spec: StudySpec, cells: Optional[list[Cell]] = None) -> StudyResults:

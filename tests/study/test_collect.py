@@ -6,7 +6,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_qpeft.core.errors import ConfigError
-from lightning_qpeft.study.collect import collect_cell, error_record, higher_is_better, reduce_scalars
+from lightning_qpeft.study.collect import collect_cell, error_record, higher_is_better, reduce_scalars, study_directions
 
 
 @pytest.mark.parametrize("error, status", [
@@ -23,11 +23,13 @@ def test_a_cell_is_refused_by_the_type_of_its_error_not_its_words(tmp_path, erro
     assert res["error"] == f"{type(error).__name__}: {error}"
 
 
-def test_metric_directions():
-    assert not higher_is_better("val/loss") and not higher_is_better("perf/peak_memory_gib")
-    assert not higher_is_better("adapter/size_bytes") and not higher_is_better("wall_time_s")
-    assert higher_is_better("test/rougeL") and higher_is_better("mmlu/accuracy")
-    assert higher_is_better("perf/tokens_per_s") and higher_is_better("perf/mfu")
+def test_metric_directions_are_the_declared_ones():
+    declared = study_directions([{"directions": {"val/loss": "lower", "*/rougeL": "higher", "mmlu/*": "higher",
+                                                 "mmlu/loss": "lower"}}, None])
+    assert higher_is_better("val/loss", declared) is False and higher_is_better("test/rougeL", declared) is True
+    assert higher_is_better("mmlu/accuracy", declared) is True and higher_is_better("mmlu/loss", declared) is False
+    assert higher_is_better("wall_time_s", declared) is False  # the runner's own figure
+    assert higher_is_better("perf/whatever", declared) is None  # undeclared: no guess from the name
 
 
 def test_reduce_keeps_the_last_value_and_the_peak_memory_maximum():

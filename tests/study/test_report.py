@@ -14,6 +14,9 @@ from lightning_qpeft.study.runner import StudyRunner
 
 BASE = {"none": 1.0, "nf4": 1.1, "fp4": 1.3}
 DELTA = {"lora": 0.0, "ia3": 0.5}
+# as the runs declare them (metric_directions.json beside their metrics)
+DIRECTIONS = {"val/loss": "lower", "perf/peak_memory_gib": "lower", "perf/tokens_per_s": "higher",
+              "params/trainable": "lower", "*/rougeL": "higher"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def finished(tmp_path_factory):
             res = {"status": "failed", "error": "RuntimeError: boom\nmore", "error_tail": "", "metrics": {}, "config": ""}
         else:
             val = BASE[q] + DELTA[a] + int(s) / 100
-            res = {"status": "done", "error": "", "error_tail": "", "config": "",
+            res = {"status": "done", "error": "", "error_tail": "", "config": "", "directions": DIRECTIONS,
                    "metrics": {"val/loss": val, "perf/peak_memory_gib": {"none": 4.0, "nf4": 1.5, "fp4": 1.5}[q],
                                "perf/tokens_per_s": 1000.0 - 100 * val, "params/trainable": 7168.0}}
         runner._finish(cell, res, 10.0)
