@@ -183,7 +183,8 @@ def test_imports_point_down():
 
 
 def test_core_imports_nothing_of_the_package():
-    core = [e for e in package_edges() if unit_of(e[2]) in ("core", NAME)]
+    # core's modules may build on each other (DataError is a ConfigError), never on the rest of the package
+    core = [e for e in package_edges() if unit_of(e[2]) in ("core", NAME) and unit_of(e[3]) != "core"]
     assert not core, core
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.base_models.gguf import gguf_folder, is_gguf
 from lightning_qpeft.base_models.tiny import BUILTIN_MODELS
 
@@ -41,10 +42,8 @@ def resolve_base_model(name_or_path: str, key: str = "model.base_model", need_co
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir() or (need_config and not (path / "config.json").exists()):
-            raise ValueError(
-                f"{key}: {str(path)!r} is not a model folder (no config.json in it); give a folder "
-                "written by save_pretrained, or a hub id"
-            )
+            raise ConfigError(key, f"{str(path)!r} is not a model folder (no config.json in it)",
+                              "give a folder written by save_pretrained, or a hub id")
         return str(path)
     if path.name in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[path.name](path))

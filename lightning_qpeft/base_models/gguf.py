@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.utils.atomic import atomic_dir
 
 PROVENANCE_FILE = "qpeft_source.json"
@@ -46,12 +47,12 @@ def check_gguf_file(path: Path, key: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{key}: no GGUF file at {str(path)!r}")
     if not path.is_file():
-        raise ValueError(f"{key}: {str(path)!r} is not a file; give a .gguf file")
+        raise ConfigError(key, f"{str(path)!r} is not a file", "give a .gguf file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise ValueError(f"{key}: {str(path)!r} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-                         "give a file written by llama.cpp's converters")
+        raise ConfigError(key, f"{str(path)!r} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+                          "give a file written by llama.cpp's converters")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, output: str | os.PathLike, key: str = "model.base_model",
@@ -72,8 +73,8 @@ def convert_gguf(gguf_path: str | os.PathLike, output: str | os.PathLike, key: s
     except ImportError as e:
         raise ImportError(f"{key}: reading GGUF files needs the gguf package: pip install gguf ({e})") from None
     except Exception as e:  # gguf's reader raises many kinds on a torn file (ValueError, struct.error, ...)
-        raise ValueError(f"{key}: cannot read {str(path)!r} as a GGUF model ({type(e).__name__}: {e}); "
-                         "the file may be truncated: download it again") from None
+        raise ConfigError(key, f"cannot read {str(path)!r} as a GGUF model ({type(e).__name__}: {e})",
+                          "the file may be truncated: download it again") from None
     # the model is float now; the GGUF quantizer left on it makes save_pretrained refuse ("not serializable")
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.base_models.folders import REMOTE_CODE_HINT, first_line, is_random, resolve_base_model
 
 # the data module tokenizes with model.tokenizer, which is model.base_model unless set
@@ -25,20 +26,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     by comparing ids, so the choice cannot leak into the loss.
     """
     if is_random(name_or_path):
-        raise ValueError(f"model.tokenizer: {name_or_path} has random weights and no tokenizer; set model.tokenizer "
-                         "to a tokenizer folder or hub id")
+        raise ConfigError("model.tokenizer", f"{name_or_path} has random weights and no tokenizer",
+                          "set model.tokenizer to a tokenizer folder or hub id")
     path = resolve_base_model(name_or_path, TOKENIZER_KEY, need_config=False)
     if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
-        raise ValueError(f"{TOKENIZER_KEY}: {path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                         "set model.tokenizer to a folder or hub id that has one")
+        raise ConfigError(TOKENIZER_KEY, f"{path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+                          "set model.tokenizer to a folder or hub id that has one")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{TOKENIZER_KEY}: cannot load a tokenizer from {path!r}: {first_line(e)}"
-                         f"{REMOTE_CODE_HINT if 'trust_remote_code' in str(e) else ''}") from e
+        raise ConfigError(TOKENIZER_KEY, f"cannot load a tokenizer from {path!r}: {first_line(e)}"
+                          f"{REMOTE_CODE_HINT if 'trust_remote_code' in str(e) else ''}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     if tokenizer.pad_token is None:
-        raise ValueError(f"model.base_model: the tokenizer of {name_or_path!r} has no pad, UNK or EOS token")
+        raise ConfigError("model.base_model", f"the tokenizer of {name_or_path!r} has no pad, UNK or EOS token")
     tokenizer.padding_side = "right"
     return tokenizer

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.base_models.folders import REMOTE_CODE_HINT, first_line, is_random, resolve_base_model
 from lightning_qpeft.model.bnb_cpu import pin_cpu_kernels
 from lightning_qpeft.model.quantization import bnb_config, get_quant_mode, resolve_dtype
@@ -38,18 +39,16 @@ def check_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> None:
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.base_model: cannot read the config of {name_or_path!r}: {first_line(e)}"
-                         f"{REMOTE_CODE_HINT if 'trust_remote_code' in str(e) else ''}") from e
+        raise ConfigError("model.base_model", f"cannot read the config of {name_or_path!r}: {first_line(e)}"
+                          f"{REMOTE_CODE_HINT if 'trust_remote_code' in str(e) else ''}") from e
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ValueError(
-            f"model.base_model: {name_or_path!r} is a {config.model_type!r} model, not a causal language model "
-            f"(architectures: {config.architectures}); give a LLaMA-family (decoder-only) model"
-        )
+        raise ConfigError("model.base_model", f"{name_or_path!r} is a {config.model_type!r} model, not a causal "
+                          f"language model (architectures: {config.architectures})",
+                          "give a LLaMA-family (decoder-only) model")
     if config.model_type in NOT_DECODER_ONLY:
-        raise ValueError(
-            f"model.base_model: {name_or_path!r} is a {config.model_type!r} model, whose causal-LM head is an "
-            "encoder's add-on, not a decoder-only language model; give a LLaMA-family (decoder-only) model"
-        )
+        raise ConfigError("model.base_model", f"{name_or_path!r} is a {config.model_type!r} model, whose causal-LM "
+                          "head is an encoder's add-on, not a decoder-only language model",
+                          "give a LLaMA-family (decoder-only) model")
 
 
 def load_base_model(
@@ -97,7 +96,7 @@ def load_base_model(
             trust_remote_code=trust_remote_code,
         )
     except (OSError, SafetensorError) as e:  # missing or torn weight files; not CUDA errors (RuntimeError)
-        raise ValueError(f"model.base_model: cannot load the weights of {path!r}: {first_line(e)}") from e
+        raise ConfigError("model.base_model", f"cannot load the weights of {path!r}: {first_line(e)}") from e
     model.config.use_cache = False  # training; generation turns it on per call
     pin_cpu_kernels(model)
     return model

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PreTrainedModel
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.base_models.folders import RANDOM_PREFIX
 
 # Shapes of public LLaMA-family checkpoints (their config.json values).
@@ -44,8 +45,8 @@ SHAPES: dict[str, dict] = {
 def random_config(name: str) -> LlamaConfig:
     shape = name[len(RANDOM_PREFIX):]
     if shape not in SHAPES:
-        raise ValueError(f"model.base_model: unknown random shape {shape!r}; choose one of "
-                         f"{', '.join(RANDOM_PREFIX + s for s in SHAPES)}")
+        raise ConfigError("model.base_model", f"unknown random shape {shape!r}",
+                          f"choose one of {', '.join(RANDOM_PREFIX + s for s in SHAPES)}")
     return LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 
 
