@@ -4,7 +4,7 @@ Lightning's `TorchCheckpointIO` writes through an fsspec transaction whose tempo
 system temp folder, so the final move can be a copy across filesystems and a kill mid-copy leaves a torn
 file at the checkpoint's path. `AtomicCheckpointIO` writes beside the target, fsyncs and renames; it reads
 with `torch.load(weights_only=True)` so a crafted checkpoint cannot run code (our checkpoints hold tensors
-and plain data only: see `QPeftModule.on_save_checkpoint`).
+and plain data only: see `model/checkpoint.py`).
 
 The CLI installs it by default (`trainer.plugins`). `checkpoint_problem` tells a torn file (truncated, or a
 member whose CRC does not match) from an intact one without unpickling it: `--ckpt_path last` skips torn ones.

@@ -26,12 +26,12 @@ What `QPeftFSDPStrategy` changes against Lightning's `FSDPStrategy`, and why:
   save; the optimizer state stays keyed by names (Lightning re-keys it by position in `model.parameters()`,
   an order that changes once the model has run a step).
 
-What the model side does under FSDP (`QPeftModule.configure_model`): the base is built in CPU memory
-(`model.fsdp_load_on: cpu`) so FSDP moves one unit at a time to the GPU, 4-bit weights are stored as the
-precision's float dtype (`bnb_4bit_quant_storage`; FSDP can only shard float tensors), norms are not upcast
-(FSDP's flat parameters need one dtype), int8 bases and `32-true` precision are refused (FSDP would cast the
-packed 4-bit bytes), and so are adapters whose float32 tensors would share a unit with the base
-(`check_flattenable`).
+What the model side does under FSDP (decided by the run plan, `model/plan.py` and `model/rules.py`; carried out
+by `model/build.py`): the base is built in CPU memory (`model.fsdp_load_on: cpu`) so FSDP moves one unit at a
+time to the GPU, 4-bit weights are stored as the precision's float dtype (`bnb_4bit_quant_storage`; FSDP can only
+shard float tensors), norms are not upcast (FSDP's flat parameters need one dtype), int8 bases and `32-true`
+precision are refused (FSDP would cast the packed 4-bit bytes), and so are adapters whose float32 tensors would
+share a unit with the base (the method table's `fsdp_flattenable`; `check_flattenable` once the model is built).
 """
 
 from __future__ import annotations

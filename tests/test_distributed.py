@@ -172,18 +172,18 @@ def test_resuming_on_another_number_of_ranks_says_the_dropout_masks_will_differ(
     trainer.state.fn = "fit"
     module._trainer = trainer
     module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
-    assert module._rng_to_restore is states[1]  # this rank's own generators
+    assert module.checkpoint_content.rng_to_restore is states[1]  # this rank's own generators
     trainer.world_size, trainer.global_rank = 4, 0
     with pytest.warns(UserWarning, match="saved by 2 process\\(es\\), resumed by 4"):
         module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
-    assert module._rng_to_restore is states[0]
+    assert module.checkpoint_content.rng_to_restore is states[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.state.fn = "validate"  # no dropout to reproduce: silent
         module.on_load_checkpoint({"qpeft": meta, "rng": states[0], "rng_per_rank": states})
         trainer.state.fn, trainer.world_size = "fit", 1
         module.on_load_checkpoint({"qpeft": meta, "rng": states[0]})  # one process saved, one resumes: silent
-    assert module._rng_to_restore is states[0]
+    assert module.checkpoint_content.rng_to_restore is states[0]
 
 
 def test_int8_under_fsdp_is_refused(tiny_model_dir):
@@ -304,7 +304,7 @@ def test_fsdp_builds_the_base_on_the_cpu_and_quantizes_random_shapes_on_the_gpu(
         trainer.strategy.root_device = torch.device("cuda", 1)
         trainer.precision = "bf16-mixed"
         module._trainer = trainer
-        with patch("lightning_qpeft.model.module.load_base_model", side_effect=Loaded) as load:
+        with patch("lightning_qpeft.model.build.load_base_model", side_effect=Loaded) as load:
             with pytest.raises(Loaded):
                 module.configure_model()
         return load.call_args.kwargs["device"], load.call_args.kwargs["quantize_device"]

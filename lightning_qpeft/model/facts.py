@@ -1,7 +1,8 @@
 """What a run plan is decided from: the configuration (`RunConfig`) and the trainer's facts (`TrainerFacts`).
 
 Both are plain frozen records, so the plan (`plan.resolve_plan`) is a function of values: the same records give
-the same plan, with no model, trainer or device touched. `trainer_facts` reads them off a Lightning trainer.
+the same plan, with no model, trainer or device touched. `trainer_facts` reads them off a Lightning trainer;
+`optimizer_steps` is the one fact known only once the data is (the run's length, for schedules laid over it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from lightning_qpeft.core.errors import ConfigError
 
 STRATEGIES = ("single", "ddp", "fsdp")
 
@@ -81,3 +84,12 @@ def trainer_facts(trainer: Any, fitting: Optional[bool] = None) -> TrainerFacts:
         gradient_clip_val=clip if isinstance(clip, (int, float)) else None,
         gradient_clip_algorithm=_str(getattr(trainer, "gradient_clip_algorithm", None)),
     )
+
+
+def optimizer_steps(trainer: Any, what: str) -> int:
+    """The run's optimizer steps, for `what` (a schedule laid out over them); refused when the run has no end."""
+    steps = trainer.estimated_stepping_batches
+    if steps == float("inf"):
+        raise ConfigError("trainer.max_steps", "set trainer.max_steps or trainer.max_epochs",
+                          head=f"{what} is laid out over the run's optimizer steps, and this run has no set length")
+    return int(steps)

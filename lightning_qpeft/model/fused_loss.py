@@ -48,11 +48,18 @@ def check_loss_name(name: str) -> None:
                           "pip install 'lightning_qpeft[fast]')", "or use model.loss: fused (falls back to chunked)")
 
 
+def loss_implementation(name: str, device_type: Optional[str]) -> str:
+    """What `model.loss` runs as on a device: `fused` becomes `liger` on CUDA with liger-kernel, else `chunked`."""
+    if name == "fused":
+        return "liger" if device_type == "cuda" and liger_available() else "chunked"
+    return name
+
+
 def resolve_loss(name: str, device: torch.device) -> str:
-    """The implementation that runs: `fused` becomes `liger` on CUDA with liger-kernel, else `chunked`."""
+    """The implementation that runs on `device` (`loss_implementation`); liger is refused off CUDA."""
     check_loss_name(name)
     if name == "fused":
-        return "liger" if device.type == "cuda" and liger_available() else "chunked"
+        return loss_implementation(name, device.type)
     if name == "liger" and device.type != "cuda":
         raise ConfigError("model.loss", f"liger runs on CUDA only (this run is on {device.type})",
                           "use model.loss: fused or chunked")
@@ -178,3 +185,12 @@ def output_layer(causal_lm: nn.Module, loss: str) -> nn.Linear:
 def causal_lm_of(model: nn.Module) -> nn.Module:
     """The transformers causal LM inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supervised_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, impl: str) -> torch.Tensor:
+    """The standard loss without full logits: decoder -> hidden states at supervised positions -> LM head +
+    cross-entropy chunk by chunk (`impl`: chunked or liger); `inputs` are the decoder's (no labels)."""
+    causal_lm = causal_lm_of(model)
+    hidden = causal_lm.get_decoder()(**inputs).last_hidden_state  # (B, T, H)
+    hidden, targets = supervised_hidden(hidden, labels)  # (n, H), (n,)
+    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings(), targets, impl)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.model.compat import Method, lookup
 from lightning_qpeft.model.facts import RunConfig, TrainerFacts
-from lightning_qpeft.model.fused_loss import check_loss_name, liger_available
+from lightning_qpeft.model.fused_loss import check_loss_name, loss_implementation
 from lightning_qpeft.model.preparation import check_compile_scope
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.rules import Setting, first_refusal, fsdp_param_dtype_name
@@ -121,7 +121,7 @@ def resolve_plan(config: RunConfig, facts: Optional[TrainerFacts] = None) -> Run
         quant_storage=storage,
         upcast_norms=upcast_norms,
         upcast_embeddings=config.upcast_embeddings,
-        loss=_loss(config.loss, facts.device),
+        loss=loss_implementation(config.loss, facts.device),
         compile=compiles,
         compile_dequantize=compiles and config.compile_dequantize,
         load_on_cpu=fsdp and config.fsdp_load_on == "cpu" and facts.device not in (None, "cpu"),
@@ -145,19 +145,13 @@ def setting_of(config: RunConfig, facts: TrainerFacts) -> Setting:
     return Setting(config, facts, name, row, storage, config.upcast_norms)
 
 
-def _loss(name: str, device: Optional[str]) -> str:
-    """`fused` runs liger-kernel on CUDA when installed, else the chunked torch implementation."""
-    if name == "fused":
-        return "liger" if device == "cuda" and liger_available() else "chunked"
-    return name
-
-
 def with_data(config: RunConfig, datamodule: Any) -> RunConfig:
     """The configuration with the data module's `packing` and `pad_to_multiple_of` (unchanged without one)."""
     if datamodule is None:
         return config
     packing, pad = getattr(datamodule, "packing", False), getattr(datamodule, "pad_to_multiple_of", None)
-    return dataclasses.replace(config, packing=packing is True, pad_to_multiple_of=pad if isinstance(pad, int) else None)
+    return dataclasses.replace(config, packing=packing is True,
+                               pad_to_multiple_of=pad if isinstance(pad, int) else None)
 
 
 __all__ = ["ConfigError", "RunConfig", "RunPlan", "TrainerFacts", "check_values", "resolve_plan", "setting_of",

@@ -313,17 +313,18 @@ RULES: tuple[Rule, ...] = (
     Rule("model.compile_dequantize", "needs model.compile: true", _compile_dequantize_without_compile),
     Rule("data.pad_to_multiple_of", "pads batches, and data.packing makes padding-free rows: set one",
          _pad_multiple_with_packing),
-    Rule("trainer.strategy=fsdp, model.quantization", "int8 bases are refused (FSDP shards float tensors only)", _fsdp_int8),
-    Rule("trainer.strategy=fsdp, model.adapter", "methods whose float32 tensors share the decoder layers' FSDP units (ia3, vera, "
-         "adalora, boft) are refused; a method without a row is checked once built", _fsdp_unflattenable),
-    Rule("trainer.strategy=fsdp, trainer.precision", "4-bit bases need a 16-bit trainer.precision (bf16-mixed): FSDP would cast the "
-         "packed weights to float32", _fsdp_float32_with_4bit),
-    Rule("trainer.strategy=fsdp, model.quant_storage", "model.quant_storage must be auto or the precision's 16-bit dtype",
-         _fsdp_storage),
-    Rule("trainer.strategy=fsdp, trainer.gradient_clip_algorithm", "trainer.gradient_clip_algorithm must be norm (FSDP clips the norm over every "
-         "rank's shard)", _fsdp_clip_by_value),
-    Rule("trainer.accelerator, model.quantization", "GPU cells of the table are refused on other devices, before the base loads",
-         _cuda_only_cell),
+    Rule("trainer.strategy=fsdp, model.quantization", "int8 bases are refused (FSDP shards float tensors only)",
+         _fsdp_int8),
+    Rule("trainer.strategy=fsdp, model.adapter", "methods whose float32 tensors share the decoder layers' FSDP units "
+         "(ia3, vera, adalora, boft) are refused; a method without a row is checked once built", _fsdp_unflattenable),
+    Rule("trainer.strategy=fsdp, trainer.precision", "4-bit bases need a 16-bit trainer.precision (bf16-mixed): FSDP "
+         "would cast the packed weights to float32", _fsdp_float32_with_4bit),
+    Rule("trainer.strategy=fsdp, model.quant_storage", "model.quant_storage must be auto or the precision's 16-bit "
+         "dtype", _fsdp_storage),
+    Rule("trainer.strategy=fsdp, trainer.gradient_clip_algorithm", "trainer.gradient_clip_algorithm must be norm "
+         "(FSDP clips the norm over every rank's shard)", _fsdp_clip_by_value),
+    Rule("trainer.accelerator, model.quantization", "GPU cells of the table are refused on other devices, before the "
+         "base loads", _cuda_only_cell),
     Rule("model.loss", "liger runs on CUDA only", _liger_off_cuda),
     Rule("model.adapter", "fit needs something to train: a bare base (no adapter) is for evaluation",
          _nothing_to_train),

@@ -12,6 +12,7 @@ import torch
 
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.model.accumulation import TokenMeanAccumulator
+from lightning_qpeft.model.checkpoint import trainable_state
 from lightning_qpeft.model.module import QPeftModule
 from tests.conftest import cpu_trainer
 
@@ -60,7 +61,7 @@ def one_step(tiny_model_dir: str, path: str, batch_size: int, accumulate: int, t
     trainer.fit(module, data)
     plan = data.train_sampler().plan(0)[:accumulate]
     tokens = [int(sum(data.tokenized["train"][i]["n_supervised"] for i in b)) for b in plan]
-    return module.trainable_state_dict(), trainer.callback_metrics["train/loss"], tokens
+    return trainable_state(module), trainer.callback_metrics["train/loss"], tokens
 
 
 def test_two_micro_batches_of_four_take_the_step_of_one_batch_of_eight(tiny_model_dir, uneven_file):

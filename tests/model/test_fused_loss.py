@@ -75,7 +75,7 @@ def test_fused_training_equals_standard_training(tiny_model_dir, batches):
     torch.manual_seed(0)
     module = QPeftModule(tiny_model_dir, quantization="nf4-dq", compute_dtype="float32", adapter=LORA, loss="fused")
     module.configure_model()
-    assert module.loss_impl == "chunked"  # no liger on a CPU
+    assert module.plan.loss == "chunked"  # no liger on a CPU
     start = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
     fused, _ = losses_of(tiny_model_dir, batches, module=module)
     with torch.no_grad():  # back to the same initial adapter, then the standard loss
