@@ -105,6 +105,7 @@ class QPeftModule(LightningModule):
         self.base_model = base_model
         self.tokenizer_name = tokenizer or base_model
         self.quantization = quantization
+        self.compute_dtype, self.quant_storage = compute_dtype, quant_storage  # recorded beside exported adapters
         self.adapter_path = adapter_path
         from_path = adapter is None and adapter_path is not None
         self.adapter = load_adapter_config(adapter_path) if from_path else adapter

@@ -116,3 +116,12 @@ def test_checkpoint_of_another_adapter_is_refused(tiny_model_dir, tmp_path):
     _, data2 = make(tiny_model_dir)
     with pytest.raises(ValueError, match=r"model.adapter.r: checkpoint 8 vs config 4"):
         cpu_trainer(max_steps=4, limit_val_batches=0).fit(other, data2, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_the_adapter_export_records_the_module_settings(tiny_model_dir):
+    from lightning_qpeft.callbacks.adapter_export import training_info
+
+    info = training_info(QPeftModule(tiny_model_dir, quantization="nf4", compute_dtype="float32"))
+    assert {k: info[k] for k in ("base_model", "quantization", "compute_dtype", "quant_storage", "method")} == {
+        "base_model": tiny_model_dir, "quantization": "nf4", "compute_dtype": "float32", "quant_storage": "auto",
+        "method": "none"}
