@@ -42,6 +42,7 @@ from lightning_qpeft.callbacks import (
 from lightning_qpeft.callbacks.metrics_file import MetricsFile
 from lightning_qpeft.callbacks.progress import QPeftProgressBar
 from lightning_qpeft.checkpointing import checkpoint_problem
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.data.datamodule import NLGDataModule
 from lightning_qpeft.distributed import register_strategies
 from lightning_qpeft.failed_runs import removed_if_failed_early
@@ -184,8 +185,8 @@ def _newest_intact(last: Path, folder: Path, pattern: str) -> str:
             rank_zero_warn(f"ckpt_path=last: {last} is torn ({problem}); resuming from {candidate}, the newest intact "
                            "checkpoint")
             return str(candidate)
-    raise ValueError(f"ckpt_path=last: {last} is torn ({problem}) and no other checkpoint under {folder} is intact; "
-                     "pass --ckpt_path FILE, or move the torn file away to start from scratch")
+    raise ConfigError("ckpt_path", f"{last} is torn ({problem}) and no other checkpoint under {folder} is intact",
+                      "pass --ckpt_path FILE, or move the torn file away to start from scratch", head="ckpt_path=last")
 
 
 def _tokenizer_of(base_model: str, tokenizer: Any) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lightning_qpeft.core.errors import ConfigError
+
 SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed range
 
 
@@ -45,8 +47,11 @@ class Rule:
     reason: str = ""
 
     def message(self, key: str, value: Any) -> str:
+        return str(self.refusal(key, value))
+
+    def refusal(self, key: str, value: Any) -> ConfigError:
         unset = ", or leave it unset" if self.optional else ""
-        return f"{key}: {value!r}{self.reason}; give {self.allowed}{unset}"
+        return ConfigError(key, f"{value!r}{self.reason}", f"give {self.allowed}{unset}")
 
 
 def _int(v: Any) -> bool:
@@ -240,7 +245,7 @@ def check_config(config: Any) -> None:
         if rule is None or (value is None and rule.optional):
             continue
         if not rule.ok(value):
-            raise ValueError(rule.message(key, value))
+            raise rule.refusal(key, value)
 
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -269,8 +274,8 @@ def check_positions(source_max_len: int, target_max_len: int, folder: str) -> No
         return
     positions, field = found
     if source_max_len + target_max_len > positions:
-        raise ValueError(
-            f"data.source_max_len + data.target_max_len: {source_max_len} + {target_max_len} = "
+        raise ConfigError(
+            "data.source_max_len", f"{source_max_len} + {target_max_len} = "
             f"{source_max_len + target_max_len} tokens exceed the {positions} positions of model.base_model "
-            f"({folder}, {field}); lower them so that they add up to at most {positions}"
-        )
+            f"({folder}, {field})", f"lower them so that they add up to at most {positions}",
+            head="data.source_max_len + data.target_max_len")

@@ -43,6 +43,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegi
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_qpeft.core.errors import ConfigError
+
 
 def fsdp_param_dtype(precision: str) -> torch.dtype:
     """The dtype FSDP's mixed precision casts parameters to, for a Lightning precision string."""
@@ -96,13 +98,14 @@ class QPeftFSDPStrategy(FSDPStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self._state_dict_type != "full":
-            raise ValueError(
-                f"trainer.strategy.state_dict_type={self._state_dict_type}: checkpoints hold the adapter only, "
-                "gathered in full to rank 0 (a sharded checkpoint would expect the quantized base in it); use full")
+            raise ConfigError("trainer.strategy.state_dict_type",
+                              "checkpoints hold the adapter only, gathered in full to rank 0 (a sharded checkpoint "
+                              "would expect the quantized base in it)", "use full",
+                              head=f"trainer.strategy.state_dict_type={self._state_dict_type}")
         if self.kwargs.get("use_orig_params") is False:
-            raise ValueError(
-                "trainer.strategy.use_orig_params=false: the adapter is saved and its optimizer state named through "
-                "the original parameters; use true (the default)")
+            raise ConfigError("trainer.strategy.use_orig_params", "the adapter is saved and its optimizer state named "
+                              "through the original parameters", "use true (the default)",
+                              head="trainer.strategy.use_orig_params=false")
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if "auto_wrap_policy" not in self.kwargs:
@@ -202,10 +205,11 @@ def check_flattenable(model: nn.Module, method: str) -> None:
         if len(dtypes) > 1 and trainable:
             name, p = trainable[0]
             others = "/".join(sorted(str(d) for d in dtypes - {p.dtype}))
-            raise ValueError(
-                f"model.adapter={method} cannot run with trainer.strategy=fsdp: its trainable tensor {name} "
-                f"({p.dtype}) would share the FSDP unit {unit or '(root)'} with {others} tensors, and FSDP flattens "
-                "a unit into one dtype; use trainer.strategy=ddp, or an adapter made of layers (lora, prompt_tuning)")
+            raise ConfigError(
+                "trainer.strategy", f"its trainable tensor {name} ({p.dtype}) would share the FSDP unit "
+                f"{unit or '(root)'} with {others} tensors, and FSDP flattens a unit into one dtype",
+                "use trainer.strategy=ddp, or an adapter made of layers (lora, prompt_tuning)",
+                head=f"model.adapter={method} cannot run with trainer.strategy=fsdp")
 
 
 def _owned_parameters(unit: nn.Module) -> list[nn.Parameter]:
