@@ -112,6 +112,7 @@ SMALL_PRESETS: dict[str, list[str]] = {
     "compile": ["--model.compile", "true", "--model.compile_scope", "decoder_layer",
                 "--model.compile_dequantize", "true"],  # one graph a decoder layer, dequantization traced in
     "ckpt": ["--model.gradient_checkpointing", "true"],  # the peer's activation recomputation
+    "autocast-outputs": ["--model.quantized_outputs", "autocast"],  # a 16-bit base's activation dtypes behind NF4
 }
 SMALL_INSTRUCTION = "Summarize this dialogue."
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -54,7 +54,7 @@ case "${1:-}" in
     there
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
     rm -rf $STATE/speed && mkdir -p $STATE/speed
-    python3 benchmarks/qlora_speed.py --out $STATE/speed --suites small --check none --small-variants default,bf16 --profile 4 \
+    python3 benchmarks/qlora_speed.py --out $STATE/speed --suites small --check none --small-variants default,bf16,autocast-outputs --profile 4 \
       --budget-s "${2:-240}" > $STATE/speed/small.log 2>&1 || true
     python3 benchmarks/generation_speed.py --out $STATE/speed > $STATE/speed/generation.log 2>&1 || true
     tar -czf $OUT/speed.tgz -C $STATE speed

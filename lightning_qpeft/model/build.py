@@ -23,7 +23,7 @@ from lightning_qpeft.model.adapters import attach_adapter
 from lightning_qpeft.model.fused_loss import causal_lm_of, output_layer
 from lightning_qpeft.model.loading import load_base_model
 from lightning_qpeft.model.plan import RunPlan
-from lightning_qpeft.model.preparation import compile_layers, prepare_base
+from lightning_qpeft.model.preparation import autocast_outputs, compile_layers, prepare_base
 from lightning_qpeft.model.traced_dequant import set_traced_dequantize
 
 
@@ -58,6 +58,8 @@ def build_model(
         quantize_device=device,
     )
     base = prepare_base(base, config.gradient_checkpointing, plan.upcast_norms, plan.upcast_embeddings)
+    if config.quantized_outputs == "autocast":
+        autocast_outputs(base)
     path = resolve_base_model(base_model)
     base_path = path if Path(path).is_dir() else None  # LoftQ reads the unquantized weights from here
     model = attach_adapter(base, adapter, config.adapter_path, base_path=base_path)

@@ -35,6 +35,7 @@ class RunConfig:
     gradient_checkpointing: bool = False
     upcast_norms: bool = True
     upcast_embeddings: bool = False
+    quantized_outputs: str = "input"
     loss: str = "standard"
     compile: bool = False
     compile_scope: str = "attention_mlp"

@@ -55,6 +55,9 @@ class QPeftModule(LightningModule):
         upcast_norms: keep normalisation weights in float32.
         upcast_embeddings: cast every weight that is not quantized (embeddings, LM head, norms) to float32, as
             peft's prepare_model_for_kbit_training does (to reproduce the peer recipe; costs memory and time).
+        quantized_outputs: what dtype bitsandbytes layers return: input (bitsandbytes' own rule: their input's,
+            float32 after a float32 norm, as in QLoRA's recipe) or autocast (the autocast dtype under autocast, as
+            torch's Linear: a 4-bit base then runs a 16-bit base's activation dtypes).
         loss: standard (the model's own loss over full logits), fused (LM head + cross-entropy at supervised
             positions only, chunked: liger-kernel on CUDA when installed, else torch), chunked, or liger.
         compile: torch.compile the decoder layers (what of them: compile_scope).
@@ -89,6 +92,7 @@ class QPeftModule(LightningModule):
         gradient_checkpointing: bool = False,
         upcast_norms: bool = True,
         upcast_embeddings: bool = False,
+        quantized_outputs: str = "input",
         loss: str = "standard",
         compile: bool = False,
         compile_options: Optional[dict[str, Any]] = None,
@@ -113,7 +117,7 @@ class QPeftModule(LightningModule):
             adapter=self.adapter, adapter_path=adapter_path, adapter_from_path=from_path, quantization=quantization,
             compute_dtype=compute_dtype, dtype=dtype, quant_storage=quant_storage,
             gradient_checkpointing=gradient_checkpointing, upcast_norms=upcast_norms,
-            upcast_embeddings=upcast_embeddings, loss=loss, compile=compile, compile_scope=compile_scope,
+            upcast_embeddings=upcast_embeddings, quantized_outputs=quantized_outputs, loss=loss, compile=compile, compile_scope=compile_scope,
             compile_dequantize=compile_dequantize, fsdp_load_on=fsdp_load_on)
         resolve_plan(self.config)  # what the configuration alone makes impossible fails here, before any weight
         self.plan: Optional[RunPlan] = None  # resolved with the trainer's facts in `setup`

@@ -24,6 +24,7 @@ from lightning_qpeft.model.preparation import check_compile_scope
 from lightning_qpeft.model.quantization import get_quant_mode, resolve_dtype
 from lightning_qpeft.model.rules import Setting, first_refusal, fsdp_param_dtype_name
 
+QUANTIZED_OUTPUTS = ("input", "autocast")  # preparation.autocast_outputs
 FSDP_LOAD_ON = ("cpu", "device")
 
 
@@ -84,6 +85,8 @@ def check_values(config: RunConfig) -> None:
     check_compile_scope(config.compile_scope)
     if config.fsdp_load_on not in FSDP_LOAD_ON:
         raise ConfigError("model.fsdp_load_on", f"{config.fsdp_load_on!r}", "choose cpu or device")
+    if config.quantized_outputs not in QUANTIZED_OUTPUTS:
+        raise ConfigError("model.quantized_outputs", f"{config.quantized_outputs!r}", "choose input or autocast")
 
 
 def resolve_plan(config: RunConfig, facts: Optional[TrainerFacts] = None) -> RunPlan:

@@ -23,7 +23,7 @@ def test_every_run_kind_instantiates_on_the_config(run, tmp_path, monkeypatch):
                          "auto"], run=False)
     model = cli.model
     assert model.base_model == multi_gpu.SHAPES[kind][0]
-    assert model.use_compile == (kind == "ddpc") and not model.compile_dequantize
+    assert model.config.compile == (kind == "ddpc") and not model.config.compile_dequantize
     assert cli.datamodule.batch_size == multi_gpu.SHAPES[kind][1]
     assert ("--trainer.strategy", "fsdp" if kind.startswith("fsdp") else ("ddp" if n != "1" else "auto")) in \
         zip(cmd, cmd[1:])

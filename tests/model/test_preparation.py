@@ -9,10 +9,12 @@ from lightning_qpeft.model.module import QPeftModule
 LORA = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-@pytest.mark.parametrize("upcast_norms, activations", [(True, torch.float32), (False, torch.bfloat16)])
-def test_fp32_norm_weights_make_the_activations_fp32(tiny_model_dir, upcast_norms, activations):
+@pytest.mark.parametrize("upcast_norms, outputs, activations", [(True, "input", torch.float32),
+                                                               (False, "input", torch.bfloat16),
+                                                               (True, "autocast", torch.bfloat16)])
+def test_fp32_norm_weights_make_the_activations_fp32(tiny_model_dir, upcast_norms, outputs, activations):
     module = QPeftModule(tiny_model_dir, quantization="nf4", compute_dtype="bfloat16", adapter=LORA,
-                         upcast_norms=upcast_norms)
+                         upcast_norms=upcast_norms, quantized_outputs=outputs)
     module.configure_model()
     layer = module.model.get_base_model().model.layers[1]
     seen = {}
@@ -24,8 +26,14 @@ def test_fp32_norm_weights_make_the_activations_fp32(tiny_model_dir, upcast_norm
     with torch.autocast("cpu", dtype=torch.bfloat16):
         module(input_ids=ids)
     # an fp32 RMSNorm weight times a bf16 input promotes to fp32; bitsandbytes casts its output back to its
-    # input's dtype, so q/k/v, the MLP and then the residual stream all run in fp32
+    # input's dtype, so q/k/v, the MLP and then the residual stream all run in fp32 (model.quantized_outputs:
+    # input); with autocast outputs they run in bf16 behind fp32 norms, as a 16-bit base's do
     assert set(seen.values()) == {activations}, seen
+
+
+def test_an_unknown_quantized_outputs_is_refused_before_loading(tiny_model_dir):
+    with pytest.raises(ValueError, match="model.quantized_outputs: 'bf16'; choose input or autocast"):
+        QPeftModule(tiny_model_dir, quantized_outputs="bf16")
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
