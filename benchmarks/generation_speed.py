@@ -57,7 +57,8 @@ def ours(a: argparse.Namespace, adapter: Path, quant: str, extra: list[str], nam
             metrics.update({k: v for k, v in json.loads(line).items() if k != "step"})
         row.update(tokens_per_s=metrics.get("test/generation_tokens_per_s"), seconds=metrics.get("test/generation_s"),
                    stopped=metrics.get("test/stopped_fraction"), rougeL=metrics.get("test/rougeL"))
-        row["answers"] = [json.loads(x)["prediction"] for x in (logs[-1] / "test_generations.jsonl").read_text().splitlines()]
+        lines = (logs[-1] / "test_generations.jsonl").read_text().splitlines()
+        row["answers"] = [json.loads(x)["prediction"] for x in lines]
     else:
         row["error"] = text.strip().splitlines()[-15:]
     return row
@@ -161,8 +162,9 @@ def peer_run(a: argparse.Namespace) -> None:
         answered += sum(len(r) for r in cut) + sum(ended)
         texts, _ = dm.decode(new)
         answers.extend(texts)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     Path(a.result).write_text(json.dumps({"tokens_per_s": answered / seconds, "seconds": seconds,
-                                          "answers": answers, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}))
+                                          "answers": answers, "peak_gib": peak}))
 
 
 def table(rows: list[dict]) -> str:
@@ -198,8 +200,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/qpeft_generation")
     ap.add_argument("--no-peer", action="store_true", help="ours only (the peer needs CUDA)")
     ap.add_argument("--ours-flag", dest="ours_flags", action="append", default=[],
-                    help="one more flag for our runs, repeatable (a CPU smoke run: --ours-flag=--trainer.accelerator=cpu "
-                    "--ours-flag=--trainer.precision=32-true)")
+                    help="one more flag for our runs, repeatable (a CPU smoke run: "
+                    "--ours-flag=--trainer.accelerator=cpu --ours-flag=--trainer.precision=32-true ...)")
     ap.add_argument(PEER_FLAG, action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quant", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)

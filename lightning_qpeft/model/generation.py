@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.model.static_decoding import StaticGreedy, supports
 
 CACHES = ("dynamic", "static")
@@ -51,12 +52,13 @@ class Generation:
 
     def __post_init__(self) -> None:
         if self.cache not in CACHES:
-            raise ValueError(f"model.generation.cache: {self.cache!r} is not one of {', '.join(CACHES)}")
+            raise ConfigError("model.generation.cache", f"{self.cache!r} is not one of {', '.join(CACHES)}")
         if self.loop not in LOOPS:
-            raise ValueError(f"model.generation.loop: {self.loop!r} is not one of {', '.join(LOOPS)}")
+            raise ConfigError("model.generation.loop", f"{self.loop!r} is not one of {', '.join(LOOPS)}")
         if self.loop == "static" and (self.do_sample or self.num_beams != 1):
-            raise ValueError("model.generation.loop=static decodes greedily: it cannot run with "
-                             "model.generation.do_sample=true or num_beams > 1; use loop=generate")
+            raise ConfigError("model.generation.loop", "it cannot run with model.generation.do_sample=true or "
+                              "num_beams > 1", "use loop=generate",
+                              head="model.generation.loop=static decodes greedily")
 
     def kwargs(self) -> dict[str, Any]:
         kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)

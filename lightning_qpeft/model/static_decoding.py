@@ -92,7 +92,8 @@ class _Decoder:
 
     def prefill(self) -> None:
         queries = torch.arange(self.t, device=self.kv.device)
-        mask = self._attendable(self.full[:, None, None, :] & (self.kv[None, None, None, :] <= queries[None, None, :, None]))
+        causal = self.kv[None, None, None, :] <= queries[None, None, :, None]  # (1, 1, T, L)
+        mask = self._attendable(self.full[:, None, None, :] & causal)  # (B, 1, T, L)
         logits = self._forward(self.input_ids, mask, self.positions, queries)
         self._choose(logits, torch.zeros(1, dtype=torch.long, device=self.kv.device))
         self.step_mask.copy_(self.full[:, None, None, :] & (self.kv <= self.step_cache_pos))

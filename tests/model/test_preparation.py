@@ -50,7 +50,8 @@ def test_autocast_outputs_give_a_quantized_base_the_activations_of_a_16bit_one(t
         seen = {}
         mlp = base.model.layers[1].mlp
         for name in ("up_proj", "down_proj"):
-            mlp.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
+            mlp.get_submodule(name).register_forward_hook(
+                lambda m, a, out, name=name: seen.__setitem__(name, out.dtype))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             logits[mode] = base(input_ids=ids).logits.float()
         layers[mode] = seen

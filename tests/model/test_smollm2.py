@@ -185,7 +185,8 @@ def test_the_static_loop_generates_under_every_precision_on_the_tiny_model(tiny_
         root = tmp_path / loop
         QPeftCLI(args=[*_test_args(tiny_model_dir, root, quantization, precision, dtype),
                        "--model.generation.loop", loop])
-        answers[loop] = [json.loads(x)["prediction"] for x in (root / "test_generations.jsonl").read_text().splitlines()]
+        lines = (root / "test_generations.jsonl").read_text().splitlines()
+        answers[loop] = [json.loads(x)["prediction"] for x in lines]
     assert len(answers["static"]) == 3
     if precision == "32-true":  # bf16 may round a near tie the other way; float32 may not
         assert answers["static"] == answers["generate"]
