@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_qpeft.core.data_error import DataError
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import IGNORE_INDEX, end_of_turn_id, prompt_bos
 from lightning_qpeft.data.conversations import MESSAGES_COLUMN, is_conversation
 from lightning_qpeft.data.readers import record_word
@@ -78,8 +79,8 @@ class ChatOptions:
 
     def __post_init__(self) -> None:
         if self.train_on not in TRAIN_ON:
-            raise ValueError(f"data.train_on: {self.train_on!r}; use all (every assistant turn) or last (the final "
-                             "one); data.train_on_source: true trains on every token")
+            raise ConfigError("data.train_on", repr(self.train_on), "use all (every assistant turn) or last (the "
+                              "final one); data.train_on_source: true trains on every token")
         template_text(self.chat_template)
 
 
@@ -93,7 +94,7 @@ def template_text(value: Optional[str], key: str = "data.chat_template") -> Opti
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ValueError(f"{key}: {value!r} is neither 'chatml', Jinja text, nor a file; give one of them")
+        raise ConfigError(key, f"{value!r} is neither 'chatml', Jinja text, nor a file", "give one of them")
     return path.read_text(encoding="utf-8")
 
 

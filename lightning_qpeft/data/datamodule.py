@@ -36,6 +36,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_qpeft.base_models.folders import resolve_base_model
 from lightning_qpeft.base_models.tokenizer import TOKENIZER_KEY, load_tokenizer
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import cut_at_stop, stop_token_ids
 from lightning_qpeft.data.chat_tokens import ChatOptions, conversation_prompts, prepare_chat, tokenize_conversations
 from lightning_qpeft.data.collate import (PackCollator, PadCollator, PromptCollator, padded_length, tokenize_prompts,
@@ -135,25 +136,25 @@ class NLGDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if get_task(task).tokens is not None and path is not None:
-            raise ValueError(f"data.path: task {task!r} makes its own records; unset data.path or use task: file")
+            raise ConfigError("data.path", f"task {task!r} makes its own records", "unset data.path or use task: file")
         if template is not None:
             get_template(template)
         if target_max_len < 1:
-            raise ValueError(f"data.target_max_len: {target_max_len} leaves no target token; use at least 1")
+            raise ConfigError("data.target_max_len", f"{target_max_len} leaves no target token", "use at least 1")
         if source_max_len < 1:
-            raise ValueError(f"data.source_max_len: {source_max_len}; use at least 1")
+            raise ConfigError("data.source_max_len", str(source_max_len), "use at least 1")
         if not (isinstance(val_size, float) and 0 < val_size < 1 or isinstance(val_size, int) and val_size >= 1):
-            raise ValueError(f"data.val_size: {val_size!r}; give a fraction in (0, 1) (a float, e.g. 0.05) or a record "
-                             "count >= 1 (an integer, e.g. 5)")
+            raise ConfigError("data.val_size", repr(val_size), "give a fraction in (0, 1) (a float, e.g. 0.05) or a "
+                              "record count >= 1 (an integer, e.g. 5)")
         if max_train_records is not None and max_train_records < 1:
-            raise ValueError(f"data.max_train_records: {max_train_records}; give at least 1, or leave it unset "
-                             "for all records")
+            raise ConfigError("data.max_train_records", str(max_train_records),
+                              "give at least 1, or leave it unset for all records")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"data.pad_to_multiple_of: {pad_to_multiple_of}; give at least 1, or leave it unset")
+            raise ConfigError("data.pad_to_multiple_of", str(pad_to_multiple_of), "give at least 1, or leave it unset")
         if max_tokens is not None and max_tokens < source_max_len + target_max_len:
-            raise ValueError(
-                f"data.max_tokens: {max_tokens} is below the longest record (data.source_max_len + "
-                f"data.target_max_len = {source_max_len + target_max_len}); raise it or lower those limits"
+            raise ConfigError(
+                "data.max_tokens", f"{max_tokens} is below the longest record (data.source_max_len + "
+                f"data.target_max_len = {source_max_len + target_max_len})", "raise it or lower those limits"
             )
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer

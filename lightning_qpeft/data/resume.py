@@ -29,6 +29,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_qpeft.core.errors import ConfigError
+
 # record entries that are about the same thing: shown, compared through their neighbour
 SHOWN_ONLY = {"data.path"}
 
@@ -100,10 +102,11 @@ def _file(record: dict[str, Any]) -> str:
     return f"{record['data.path']!r} ({content.get('bytes')} bytes, sha256 {str(content.get('sha256'))[:12]})"
 
 
-def refusal(diffs: list[str]) -> str:
-    return ("ckpt_path: the checkpoint was trained on other data or batches than this run's:\n  " + "\n  ".join(diffs)
-            + "\nits saved place in the data would skip or repeat records; resume with the checkpoint's data and "
-            "batching, or set data.resume_changed_data=true to go on from its weights and step on this data")
+def refusal(diffs: list[str]) -> ConfigError:
+    return ConfigError("ckpt_path", "the checkpoint was trained on other data or batches than this run's:\n  "
+                       + "\n  ".join(diffs) + "\nits saved place in the data would skip or repeat records",
+                       "resume with the checkpoint's data and batching, or set data.resume_changed_data=true to go "
+                       "on from its weights and step on this data")
 
 
 def changed_data_warning(diffs: list[str]) -> str:
@@ -131,7 +134,7 @@ def check_resume(state: dict[str, Any], current: dict[str, Any], allow_changed: 
     if not diffs:
         return False
     if not allow_changed:
-        raise ValueError(refusal(diffs))
+        raise refusal(diffs)
     rank_zero_warn(changed_data_warning(diffs))
     return True
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import datasets
 
 from lightning_qpeft.core.data_error import DataError
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.data.conversations import CONVERSATIONS, OASST_TABLE, OASST_TREES, SAMSUM_CHAT, ConversationLayout
 from lightning_qpeft.data.random_tokens import random_token_splits
 from lightning_qpeft.data.readers import read_file, record_word
@@ -174,7 +175,7 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"data.task: unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+        raise ConfigError("data.task", f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}") from None
 
 
 def _text(value: Any, name: str, where: str) -> str:
