@@ -45,6 +45,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import IGNORE_INDEX
 from lightning_qpeft.core.versions import library_versions
 from lightning_qpeft.utils.atomic import atomic_file
@@ -124,13 +125,13 @@ class EfficiencyMonitor(Callback):
         record_setup_memory: bool = False,
     ) -> None:
         if warmup_steps < 0:
-            raise ValueError(f"efficiency.warmup_steps: {warmup_steps}; use 0 or more")
+            raise ConfigError("efficiency.warmup_steps", str(warmup_steps), "use 0 or more")
         if warmup_epochs < 0:
-            raise ValueError(f"efficiency.warmup_epochs: {warmup_epochs}; use 0 or more")
+            raise ConfigError("efficiency.warmup_epochs", str(warmup_epochs), "use 0 or more")
         if profile_steps < 0:
-            raise ValueError(f"efficiency.profile_steps: {profile_steps}; use 0 or more")
+            raise ConfigError("efficiency.profile_steps", str(profile_steps), "use 0 or more")
         if window < 1:
-            raise ValueError(f"efficiency.window: {window}; use 1 or more")
+            raise ConfigError("efficiency.window", str(window), "use 1 or more")
         self.enabled = enabled
         self.warmup_steps = warmup_steps
         self.warmup_epochs = warmup_epochs

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import cut_at_stop
 from lightning_qpeft.data.collate import PromptCollator
 from lightning_qpeft.evaluation.generation import score_generations
@@ -65,7 +66,7 @@ class GenerationMetrics(Callback):
                  max_records: Optional[int] = None, batch_size: Optional[int] = None,
                  dirpath: Optional[str] = None, rouge_stemmer: bool = True) -> None:
         if fit_every_n_val < 0:
-            raise ValueError(f"generation_metrics.fit_every_n_val: {fit_every_n_val}; use 0 (never) or more")
+            raise ConfigError("generation_metrics.fit_every_n_val", str(fit_every_n_val), "use 0 (never) or more")
         self.test, self.validate, self.fit_every_n_val = test, validate, fit_every_n_val
         self.max_records, self.batch_size, self.dirpath = max_records, batch_size, dirpath
         self.rouge_stemmer = rouge_stemmer

@@ -40,6 +40,7 @@ from typing import Any, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.evaluation.mmlu import MMLUEvaluator, MMLUResults
 from lightning_qpeft.evaluation.mmlu_scoring import LETTER_TOKEN_MODES, PADDING_SIDES
 from lightning_qpeft.evaluation.mmlu_sources import SOURCES, SPLITS, load_items, select
@@ -108,24 +109,25 @@ class MMLUEvaluation(Callback):
         name: str = "mmlu",
     ) -> None:
         # refuse bad values now, before any model or data is loaded
-        checks = [
-            (source in SOURCES, f"mmlu.source: {source!r}; choose one of {', '.join(SOURCES)}"),
-            (split in SPLITS, f"mmlu.split: {split!r}; choose val or test"),
-            (padding_side in PADDING_SIDES, f"mmlu.padding_side: {padding_side!r}; choose right or left"),
-            (letter_tokens in LETTER_TOKEN_MODES, f"mmlu.letter_tokens: {letter_tokens!r}; choose qlora or continuation"),
-            (shots >= 0, f"mmlu.shots: {shots}; use 0 or more"),
-            (bool(name) and "/" not in name, f"mmlu.name: {name!r}; give a non-empty prefix without '/'"),
-            (every_n_validations >= 1, f"mmlu.every_n_validations: {every_n_validations}; use 1 or more"),
-            (max_samples is None or max_samples >= 1, f"mmlu.max_samples: {max_samples}; use 1 or more"),
+        checks = [  # (fine, key, reason, way out)
+            (source in SOURCES, "mmlu.source", repr(source), f"choose one of {', '.join(SOURCES)}"),
+            (split in SPLITS, "mmlu.split", repr(split), "choose val or test"),
+            (padding_side in PADDING_SIDES, "mmlu.padding_side", repr(padding_side), "choose right or left"),
+            (letter_tokens in LETTER_TOKEN_MODES, "mmlu.letter_tokens", repr(letter_tokens),
+             "choose qlora or continuation"),
+            (shots >= 0, "mmlu.shots", str(shots), "use 0 or more"),
+            (bool(name) and "/" not in name, "mmlu.name", repr(name), "give a non-empty prefix without '/'"),
+            (every_n_validations >= 1, "mmlu.every_n_validations", str(every_n_validations), "use 1 or more"),
+            (max_samples is None or max_samples >= 1, "mmlu.max_samples", str(max_samples), "use 1 or more"),
             (not (enabled and source in ("json", "csv") and path is None),
-             f"mmlu.path: mmlu.source {source} reads a file or folder; set mmlu.path"),
-            (not (path is not None and source in ("synthetic", "hub")),
-             f"mmlu.path is set ({path}) but mmlu.source {source} reads no file; set mmlu.path null, or "
-             "mmlu.source json (a QLoRA file) or csv (a folder)"),
+             "mmlu.path", f"mmlu.source {source} reads a file or folder", "set mmlu.path"),
         ]
-        for ok, message in checks:
+        for ok, key, reason, way_out in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(key, reason, way_out)
+        if path is not None and source in ("synthetic", "hub"):  # its text has no "key: " head, so a ValueError
+            raise ValueError(f"mmlu.path is set ({path}) but mmlu.source {source} reads no file; set mmlu.path null, "
+                             "or mmlu.source json (a QLoRA file) or csv (a folder)")
         self.enabled = enabled
         self.source, self.path, self.split, self.shots = source, path, split, shots
         self.max_prompt_tokens, self.max_length = max_prompt_tokens, max_length
@@ -148,16 +150,16 @@ class MMLUEvaluation(Callback):
         if not self.enabled:
             return
         if type(trainer.strategy).__name__ in REFUSED_STRATEGIES:
-            raise ValueError(
-                f"mmlu.enabled: the MMLU evaluation shards questions unevenly over ranks, which would deadlock "
-                f"{type(trainer.strategy).__name__}'s collective forward; use trainer.strategy ddp or set "
+            raise ConfigError(
+                "mmlu.enabled", "the MMLU evaluation shards questions unevenly over ranks, which would deadlock "
+                f"{type(trainer.strategy).__name__}'s collective forward", "use trainer.strategy ddp or set "
                 "mmlu.enabled false"
             )
         limit = trainer.limit_test_batches if stage == "test" else trainer.limit_val_batches
         if stage in ("validate", "test") and limit == 0:
             key = "limit_test_batches" if stage == "test" else "limit_val_batches"
-            raise ValueError(
-                f"trainer.{key}: 0 makes Lightning skip the {stage} loop and the MMLU evaluation with it; "
+            raise ConfigError(
+                f"trainer.{key}", f"0 makes Lightning skip the {stage} loop and the MMLU evaluation with it",
                 f"set trainer.{key}: 1 (configs/mmlu.yaml does)"
             )
         if self.evaluator is None:

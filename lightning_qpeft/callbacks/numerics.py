@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tensors import all_finite
 
 
@@ -37,7 +38,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, policy: str = "skip", max_skips: int = 20) -> None:
         if policy not in ("skip", "stop"):
-            raise ValueError(f"nonfinite.policy: {policy!r}; choose skip or stop")
+            raise ConfigError("nonfinite.policy", repr(policy), "choose skip or stop")
         self.policy = policy
         self.max_skips = max_skips
         self.skipped = 0
