@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.evaluation.mmlu_scoring import (
     PADDING_SIDES,
     encode_prompts,
@@ -173,7 +174,7 @@ class MMLUEvaluator:
         if not items:
             raise ValueError("mmlu: no questions to evaluate")
         if padding_side not in PADDING_SIDES:
-            raise ValueError(f"mmlu.padding_side: {padding_side!r}; choose right or left")
+            raise ConfigError("mmlu.padding_side", repr(padding_side), "choose right or left")
         if batch_tokens < 1 or batch_size < 1 or max_length < 2:
             raise ValueError("mmlu.batch_tokens, mmlu.batch_size >= 1 and mmlu.max_length >= 2 are needed")
         self.items = list(items)

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import prompt_bos
 from lightning_qpeft.tasks.mmlu_prompt import CHOICES
 
@@ -37,7 +38,7 @@ def letter_token_ids(tokenizer: Any, mode: str = "qlora") -> list[int]:
         ValueError: unknown mode, or the four letters do not get four distinct single tokens.
     """
     if mode not in LETTER_TOKEN_MODES:
-        raise ValueError(f"mmlu.letter_tokens: {mode!r}; choose one of {', '.join(LETTER_TOKEN_MODES)}")
+        raise ConfigError("mmlu.letter_tokens", repr(mode), f"choose one of {', '.join(LETTER_TOKEN_MODES)}")
     ids = []
     for letter in CHOICES:
         if mode == "qlora":
@@ -46,13 +47,13 @@ def letter_token_ids(tokenizer: Any, mode: str = "qlora") -> list[int]:
         stem = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
         full = tokenizer(f"Answer: {letter}", add_special_tokens=False)["input_ids"]
         if full[: len(stem)] != stem or len(full) != len(stem) + 1:
-            raise ValueError(
-                f"mmlu.letter_tokens: continuation: this tokenizer splits ' {letter}' after 'Answer:' into "
-                f"{tokenizer.convert_ids_to_tokens(full[len(stem):])}; use letter_tokens: qlora"
+            raise ConfigError(
+                "mmlu.letter_tokens", f"continuation: this tokenizer splits ' {letter}' after 'Answer:' into "
+                f"{tokenizer.convert_ids_to_tokens(full[len(stem):])}", "use letter_tokens: qlora"
             )
         ids.append(full[-1])
     if len(set(ids)) != 4:
-        raise ValueError(f"mmlu.letter_tokens: {mode}: the letters share tokens {ids}; use the other mode")
+        raise ConfigError("mmlu.letter_tokens", f"{mode}: the letters share tokens {ids}", "use the other mode")
     return ids
 
 
@@ -143,7 +144,7 @@ def score(
     `device` whose row i holds question i's four letter logits then the four letters' log-probabilities under
     the full vocabulary; rows of questions not in `batches` stay 0 (so ranks' results add up)."""
     if padding_side not in PADDING_SIDES:
-        raise ValueError(f"mmlu.padding_side: {padding_side!r}; choose right or left")
+        raise ConfigError("mmlu.padding_side", repr(padding_side), "choose right or left")
     if _is_prompt_learning(model):
         # peft puts the virtual tokens in front of the row: left padding would sit between them and the prompt
         padding_side = "right"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from typing import Any, Optional, Sequence
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.evaluation.mmlu_data import read_csv_folder, read_hub, read_qlora_json, token_counter
 from lightning_qpeft.evaluation.mmlu_files import build_on_demand
 from lightning_qpeft.tasks import synthetic_mc
@@ -41,11 +42,11 @@ def load_items(
 ) -> list[Item]:
     """Scored items from any layout (see the module docstring for the arguments)."""
     if source not in SOURCES:
-        raise ValueError(f"mmlu.source: {source!r}; choose one of {', '.join(SOURCES)}")
+        raise ConfigError("mmlu.source", repr(source), f"choose one of {', '.join(SOURCES)}")
     if split not in SPLITS:
-        raise ValueError(f"mmlu.split: {split!r}; choose val or test")
+        raise ConfigError("mmlu.split", repr(split), "choose val or test")
     if source in ("json", "csv") and path is None:
-        raise ValueError(f"mmlu.path: mmlu.source {source} needs a path (a QLoRA .json file or a CSV folder)")
+        raise ConfigError("mmlu.path", f"mmlu.source {source} needs a path (a QLoRA .json file or a CSV folder)")
     if source == "json":
         build_on_demand(path)  # data/mmlu's prompt files, from the CSVs beside them, when not built yet
         return read_qlora_json(path)

@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from lightning_qpeft.core.errors import ConfigError
+
+
 CHOICES = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
 
@@ -96,8 +99,8 @@ def build_items(
     if shots > 0:
         for subject in sorted({q.subject for q in questions}):
             if len(dev.get(subject, ())) < shots:
-                raise ValueError(
-                    f"mmlu.shots: {shots} solved examples asked for, but subject {subject!r} has "
+                raise ConfigError(
+                    "mmlu.shots", f"{shots} solved examples asked for, but subject {subject!r} has "
                     f"{len(dev.get(subject, ()))} dev questions"
                 )
     ks = list(start_k) if start_k is not None else [shots] * len(questions)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from lightning_qpeft.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Template:
@@ -39,7 +41,7 @@ class ChatTemplate:
 
     def render(self, record: dict[str, Any], tokenizer: Any = None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data.template: 'chat' needs a tokenizer with a chat template; this one has none")
+            raise ConfigError("data.template", "'chat' needs a tokenizer with a chat template; this one has none")
         user = "\n\n".join(x for x in (record.get("instruction"), record.get("input")) if x)
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
@@ -86,6 +88,6 @@ def get_template(name: str) -> Optional[Template | ChatTemplate]:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(
-            f"data.template: unknown template {name!r}; choose one of {', '.join([*TEMPLATES, 'chat'])}"
+        raise ConfigError(
+            "data.template", f"unknown template {name!r}", f"choose one of {', '.join([*TEMPLATES, 'chat'])}"
         ) from None
