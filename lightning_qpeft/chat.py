@@ -26,6 +26,7 @@ from typing import Any, Optional, TextIO
 
 import torch
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.core.tokens import stop_token_ids
 from lightning_qpeft.data.chat_tokens import ChatOptions, ConversationTokenizer, check_template, use_chat_template
 from lightning_qpeft.model.adapters import TRAINING_FILE
@@ -66,7 +67,7 @@ def recorded_training(adapter_path: Optional[str]) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"chat --model.adapter_path: {path} is not valid JSON ({e})") from None
+        raise ConfigError("chat --model.adapter_path", f"{path} is not valid JSON ({e})") from None
 
 
 def load_model(spec: ChatModel) -> tuple[torch.nn.Module, Any]:
@@ -88,8 +89,8 @@ def load_model(spec: ChatModel) -> tuple[torch.nn.Module, Any]:
     else:
         base = None
     if not base:
-        raise ValueError("chat --model.base_model: no model to talk to; give --model.base_model (a folder or hub "
-                         "id), or --model.adapter_path of a trained adapter")
+        raise ConfigError("chat --model.base_model", "no model to talk to", "give --model.base_model (a folder or "
+                          "hub id), or --model.adapter_path of a trained adapter")
     quantization = recorded.get("quantization", "none") if spec.quantization == "auto" else spec.quantization
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
@@ -205,9 +206,9 @@ def chat(model: ChatModel, prompt: Optional[str] = None, system_prompt: Optional
         seed: sampling seed.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"chat --max_new_tokens: {max_new_tokens}; give at least 1")
+        raise ConfigError("chat --max_new_tokens", str(max_new_tokens), "give at least 1")
     if temperature < 0:
-        raise ValueError(f"chat --temperature: {temperature}; give 0 (greedy) or more")
+        raise ConfigError("chat --temperature", str(temperature), "give 0 (greedy) or more")
     recorded = recorded_training(model.adapter_path)
     options = ChatOptions(system_prompt=system_prompt or recorded.get("system_prompt"),
                           chat_template=chat_template or recorded.get("chat_template"))

@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.utils.atomic import atomic_file
 
 
@@ -40,13 +41,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except pickle.UnpicklingError as e:
             culprit = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
             if culprit:
-                raise ValueError(
-                    f"ckpt_path: {str(path)!r} holds more than tensors and plain data (refused: loading it could "
+                raise ConfigError(
+                    "ckpt_path", f"{str(path)!r} holds more than tensors and plain data (refused: loading it could "
                     f"run code; it names {culprit.group(1)})"
                 ) from None
-            raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint") from None
+            raise ConfigError("ckpt_path", f"{str(path)!r} is not a readable checkpoint") from None
         except (RuntimeError, EOFError) as e:
-            raise ValueError(f"ckpt_path: {str(path)!r} is not a readable checkpoint ({e})") from None
+            raise ConfigError("ckpt_path", f"{str(path)!r} is not a readable checkpoint ({e})") from None
 
 
 CRC_CHECKED_BYTES = 64 << 20  # members up to this size are read whole to check their CRC (tensors beyond: sizes)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from lightning_qpeft.base_models.folders import resolve_base_model
+from lightning_qpeft.core.errors import ConfigError
 from lightning_qpeft.model import compat
 from lightning_qpeft.model.adapters import TRAINING_FILE, load_adapter_config
 from lightning_qpeft.model.loading import load_base_model
@@ -58,13 +59,13 @@ def merge(
     """
     folder = Path(adapter_path)
     if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
-        raise ValueError(f"merge --adapter_path: {adapter_path!r} is a complete model folder (full fine-tuning): "
-                         f"{compat.METHODS['full'].merge}")
+        raise ConfigError("merge --adapter_path", f"{adapter_path!r} is a complete model folder (full "
+                          f"fine-tuning): {compat.METHODS['full'].merge}")
     config = load_adapter_config(adapter_path)
     reason = compat.merge_refusal(config)
     if reason:
-        raise ValueError(f"merge --adapter_path: {adapter_path!r} holds a {compat.lookup(config)[0]} adapter, "
-                         f"which cannot be merged: {reason}")
+        raise ConfigError("merge --adapter_path", f"{adapter_path!r} holds a {compat.lookup(config)[0]} adapter, "
+                          f"which cannot be merged: {reason}")
     recorded = _recorded(folder)
     if quantization == "auto":
         quantization = recorded.get("quantization", "none")
@@ -72,7 +73,7 @@ def merge(
     resolve_dtype(dtype, "merge --dtype")
     base_model = base_model or config.base_model_name_or_path or recorded.get("base_model")
     if not base_model:
-        raise ValueError(f"merge --base_model: {adapter_path!r} names no base model; give --base_model")
+        raise ConfigError("merge --base_model", f"{adapter_path!r} names no base model", "give --base_model")
     path = resolve_base_model(base_model)
 
     base = dequantized_base(path, quantization, dtype, device, trust_remote_code)
@@ -120,7 +121,7 @@ def _recorded(folder: Path) -> dict:
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"merge --adapter_path: {folder / TRAINING_FILE} is not valid JSON ({e})") from None
+        raise ConfigError("merge --adapter_path", f"{folder / TRAINING_FILE} is not valid JSON ({e})") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -179,8 +179,8 @@ def attach_adapter(
         try:
             peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=not prompt_learning)
         except pickle.UnpicklingError as e:
-            raise ValueError(f"model.adapter_path: {adapter_path!r} holds a pickle with more than tensors (refused: "
-                             f"loading it could run code): {str(e).strip().splitlines()[-1]}") from None
+            raise ConfigError("model.adapter_path", f"{adapter_path!r} holds a pickle with more than tensors "
+                              f"(refused: loading it could run code): {str(e).strip().splitlines()[-1]}") from None
         if prompt_learning:
             for p in peft_model.parameters():
                 p.requires_grad_(False)
