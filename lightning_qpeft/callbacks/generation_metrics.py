@@ -60,7 +60,8 @@ class GenerationMetrics(Callback):
     """
 
     # which way each score is better, for every stage (metrics_file.py)
-    metric_directions = {"*/rouge1": "higher", "*/rouge2": "higher", "*/rougeL": "higher", "*/bleu": "higher"}
+    metric_directions = {"*/rouge1": "higher", "*/rouge2": "higher", "*/rougeL": "higher", "*/bleu": "higher",
+                         "*/generation_tokens_per_s": "higher", "*/generation_s": "lower"}
 
     def __init__(self, test: bool = True, validate: bool = True, fit_every_n_val: int = 0,
                  max_records: Optional[int] = None, batch_size: Optional[int] = None,
