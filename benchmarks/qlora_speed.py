@@ -257,33 +257,25 @@ class Bench:
         self.results["runs"].append(row)
 
     def peer_real(self, data: Path, epoch_steps: int, epochs: int) -> None:
-        out = self.work / "peer_real.jsonl"
-        out.unlink(missing_ok=True)
-        rc, _ = self.sh("real/peer", [sys.executable, str(self.a.peer_dir / "peer_trainer.py"), str(self.a.ckpt),
-                                      str(self.a.tokenizer), str(data), "--batch", "16", "--accum", "1",
-                                      "--warmup", str(epoch_steps), "--steps", str(epoch_steps * (epochs - 1)),
-                                      "--out", str(out)],
-                        need_s=self.a.min_run_s, sample=True)
-        row = {"suite": "real", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (group_by_length)",
-               "rc": rc, "sampled": rc != -1 and self.sampled("real/peer")}
-        if rc == 0 and out.exists():
-            p = json.loads(out.read_text().splitlines()[-1])
-            row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
-                       records_per_step=p["batch"] * p["accum"], peak_gib=p["peak_gib"],
-                       pad_fraction=p["pad_fraction"], samples_per_s=p["samples_per_s"])
-        self.results["runs"].append(row)
+        script = [str(self.a.peer_dir / "peer_trainer.py"), str(self.a.ckpt), str(self.a.tokenizer)]
+        self._peer_trainer("real", script, data, epoch_steps, epochs, "(group_by_length)")
 
     def peer_small(self, data: Path, epoch_steps: int, epochs: int) -> None:
-        out = self.work / "peer_small.jsonl"
+        model = str(self.a.small_model)  # SmolLM2's own tokenizer: benchmarks/peer_autotokenizer.py
+        self._peer_trainer("small", ["benchmarks/peer_autotokenizer.py", str(self.a.peer_dir / "peer_trainer.py"),
+                                     model, model], data, epoch_steps, epochs, "(AutoTokenizer)")
+
+    def _peer_trainer(self, suite: str, script: list[str], data: Path, epoch_steps: int, epochs: int,
+                      note: str) -> None:
+        """peer_trainer.py on `data`, 16 records a step: the first epoch warms up, the others are timed."""
+        out = self.work / f"peer_{suite}.jsonl"
         out.unlink(missing_ok=True)
-        model = str(self.a.small_model)
-        rc, _ = self.sh("small/peer", [sys.executable, "benchmarks/peer_autotokenizer.py",
-                                       str(self.a.peer_dir / "peer_trainer.py"), model, model, str(data), "--batch",
-                                       "16", "--accum", "1", "--warmup", str(epoch_steps), "--steps",
-                                       str(epoch_steps * (epochs - 1)), "--out", str(out)],
+        rc, _ = self.sh(f"{suite}/peer", [sys.executable, *script, str(data), "--batch", "16", "--accum", "1",
+                                          "--warmup", str(epoch_steps), "--steps", str(epoch_steps * (epochs - 1)),
+                                          "--out", str(out)],
                         need_s=self.a.min_run_s, sample=True)
-        row = {"suite": "small", "run": "peer", "flags": "peer_trainer.py --batch 16 --accum 1 (AutoTokenizer)",
-               "rc": rc, "sampled": rc != -1 and self.sampled("small/peer")}
+        row = {"suite": suite, "run": "peer", "flags": f"peer_trainer.py --batch 16 --accum 1 {note}",
+               "rc": rc, "sampled": rc != -1 and self.sampled(f"{suite}/peer")}
         if rc == 0 and out.exists():
             p = json.loads(out.read_text().splitlines()[-1])
             row.update(tokens_per_s=p["real_tokens_per_s"], supervised_tokens_per_s=p["supervised_tokens_per_s"],
