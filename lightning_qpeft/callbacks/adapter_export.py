@@ -57,8 +57,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, training: Optional[d
 
 def training_info(pl_module: LightningModule) -> dict[str, Any]:
     """The settings an adapter belongs to (QPeftModule's), for `qpeft_training.json`."""
-    keys = ("base_model", "quantization", "compute_dtype", "quant_storage", "method")
-    return {**{k: getattr(pl_module, k) for k in keys if hasattr(pl_module, k)}, "versions": library_versions()}
+    config = getattr(pl_module, "config", None)  # the run configuration the module's plan resolves
+    settings = ("quantization", "compute_dtype", "quant_storage", "upcast_norms", "quantized_outputs")
+    return {**{k: getattr(pl_module, k) for k in ("base_model", "method") if hasattr(pl_module, k)},
+            **{k: getattr(config, k) for k in settings if hasattr(config, k)}, "versions": library_versions()}
 
 
 class AdapterExport(Callback):

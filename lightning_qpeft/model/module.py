@@ -109,7 +109,6 @@ class QPeftModule(LightningModule):
         self.base_model = base_model
         self.tokenizer_name = tokenizer or base_model
         self.quantization = quantization
-        self.compute_dtype, self.quant_storage = compute_dtype, quant_storage  # recorded beside exported adapters
         self.adapter_path = adapter_path
         from_path = adapter is None and adapter_path is not None
         self.adapter = load_adapter_config(adapter_path) if from_path else adapter
@@ -117,8 +116,8 @@ class QPeftModule(LightningModule):
             adapter=self.adapter, adapter_path=adapter_path, adapter_from_path=from_path, quantization=quantization,
             compute_dtype=compute_dtype, dtype=dtype, quant_storage=quant_storage,
             gradient_checkpointing=gradient_checkpointing, upcast_norms=upcast_norms,
-            upcast_embeddings=upcast_embeddings, quantized_outputs=quantized_outputs, loss=loss, compile=compile, compile_scope=compile_scope,
-            compile_dequantize=compile_dequantize, fsdp_load_on=fsdp_load_on)
+            upcast_embeddings=upcast_embeddings, quantized_outputs=quantized_outputs, loss=loss, compile=compile,
+            compile_scope=compile_scope, compile_dequantize=compile_dequantize, fsdp_load_on=fsdp_load_on)
         resolve_plan(self.config)  # what the configuration alone makes impossible fails here, before any weight
         self.plan: Optional[RunPlan] = None  # resolved with the trainer's facts in `setup`
         self.compile_options = compile_options

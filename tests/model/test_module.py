@@ -125,3 +125,4 @@ def test_the_adapter_export_records_the_module_settings(tiny_model_dir):
     assert {k: info[k] for k in ("base_model", "quantization", "compute_dtype", "quant_storage", "method")} == {
         "base_model": tiny_model_dir, "quantization": "nf4", "compute_dtype": "float32", "quant_storage": "auto",
         "method": "none"}
+    assert (info["upcast_norms"], info["quantized_outputs"]) == (True, "input")  # what the activations ran in
