@@ -52,9 +52,9 @@ def ours(a: argparse.Namespace, adapter: Path, quant: str, extra: list[str], nam
     row = {"run": name, "quantization": quant, "flags": " ".join(extra), "rc": rc, "wall_s": seconds}
     logs = sorted(run.glob("lightning_logs/version_*"))
     if rc == 0 and logs:
-        metrics = {}
-        for line in (logs[-1] / "metrics.jsonl").read_text().splitlines():
-            metrics.update({k: v for k, v in json.loads(line).items() if k != "step"})
+        from lightning_qpeft.callbacks.metrics_file import FILE_NAME, read_metrics
+
+        metrics = {k: v[-1][1] for k, v in read_metrics(logs[-1] / FILE_NAME).items()}  # each metric's last value
         row.update(tokens_per_s=metrics.get("test/generation_tokens_per_s"), seconds=metrics.get("test/generation_s"),
                    stopped=metrics.get("test/stopped_fraction"), rougeL=metrics.get("test/rougeL"))
         lines = (logs[-1] / "test_generations.jsonl").read_text().splitlines()
