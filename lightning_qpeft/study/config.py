@@ -24,6 +24,7 @@ is hashed separately (`inputs_digest`): the runner reruns a finished cell whose 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -263,39 +264,52 @@ def _matches(labels: dict, when: dict, axes: dict[str, Axis], where: str) -> boo
 DATA_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".gguf")
 
 
+@functools.lru_cache(maxsize=1024)
+def _file_digest(path: str, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
+    """A file's SHA-1 and, for a YAML, the file-like strings it holds; read once per version of the file (the
+    cells of a study share their base config and data files)."""
+    data = Path(path).read_bytes()
+    names: tuple[str, ...] = ()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            names = tuple(_file_names(yaml.safe_load(data)))
+        except yaml.YAMLError:
+            pass  # the run itself reports a broken YAML, naming the file and line
+    return hashlib.sha1(data).hexdigest(), names
+
+
+def _file_names(value: Any) -> list[str]:
+    """The strings in a (YAML) value that name a file by its suffix."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _file_names(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _file_names(v)]
+    return [value] if isinstance(value, str) and value.endswith(DATA_SUFFIXES) else []
+
+
 def inputs_digest(args: Sequence[str], root: Path = Path(".")) -> str:
     """A hash of the contents of every file a cell's arguments name, and of the files those YAMLs name in turn
     (relative to the naming file's folder, or to `root`): a changed base config, adapter YAML or data file
     changes it; the arguments themselves are in the cell's id."""
     seen: dict[str, str] = {}
 
-    def visit(value: Any, folder: Path) -> None:
-        if isinstance(value, dict):
-            for v in value.values():
-                visit(v, folder)
-        elif isinstance(value, list):
-            for v in value:
-                visit(v, folder)
-        elif isinstance(value, str) and value.endswith(DATA_SUFFIXES):
-            for candidate in (folder / value, root / value):
-                if candidate.is_file():
-                    add(candidate)
-                    break
+    def visit(name: str, folder: Path) -> None:
+        for candidate in (folder / name, root / name):
+            if candidate.is_file():
+                add(candidate)
+                break
 
     def add(path: Path) -> None:
         key = str(path.resolve())
         if key in seen:
             return
-        data = path.read_bytes()
-        seen[key] = hashlib.sha1(data).hexdigest()
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                visit(yaml.safe_load(data), path.parent)
-            except yaml.YAMLError:
-                pass  # the run itself reports a broken YAML, naming the file and line
+        stat = path.stat()
+        seen[key], names = _file_digest(key, stat.st_mtime_ns, stat.st_size)
+        for name in names:
+            visit(name, path.parent)
 
-    for arg in args:
-        visit(arg, root)
+    for name in _file_names(list(args)):
+        visit(name, root)
     return hashlib.sha1(json.dumps(sorted(seen.values())).encode()).hexdigest()[:12]
 
 
