@@ -25,6 +25,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import StaticCache
 
+from lightning_qpeft.model.fused_loss import causal_lm_of
+
 CHECK_EVERY = 8  # steps between host checks of "every row has stopped" (each check waits for the GPU)
 
 
@@ -34,18 +36,12 @@ def supports(model: torch.nn.Module) -> bool:
     return not getattr(config, "is_prompt_learning", False)
 
 
-def base_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The causal LM under a peft wrapper (its LoRA-style layers are inside it), or the model itself."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
 class _Decoder:
     """One batch: prompt (B, T) -> greedy continuation (B, max_new_tokens), pad after each row's stop token."""
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, stop_ids: Sequence[int], pad_id: int) -> None:
-        self.lm = base_of(model)
+        self.lm = causal_lm_of(model)  # peft's LoRA-style layers are inside it
         device = input_ids.device
         b, t = input_ids.shape
         self.t, self.new = t, max_new_tokens
